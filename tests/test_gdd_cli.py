@@ -1,0 +1,120 @@
+"Tests of the `gdd_train` command line and `train_gdd` (GDD / GDD-I), on CPU with tiny networks."
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+from distill_nb.gdd import train_gdd, tiny_gdd_teacher, gdd_config
+from distill_nb.checkpoints import save_network, read_network_meta, load_network
+from distill_nb.learner import list_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny tensors: one thread avoids OpenMP spin-waiting on busy CI machines (restored afterwards)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cli(*args, cwd=None):
+    cmd = [sys.executable, '-m', 'distill_nb.gdd', *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env={**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'})
+    return r
+
+
+def test_cli_trains_resumes_and_saves(tmp_path):
+    run = tmp_path / 'run'
+    r = _cli('--preset', 'toy', '--run_dir', run, '--steps', 3, '--ckpt_every', 3, '--toy_n', 64, '--batch', 8,
+             '--device', 'cpu', '--no_progress', '--log_every', 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_network_meta(run / 'network-final.safetensors')
+    assert meta['sampler'] == {'kind': 'one_step', 'sigma': 80.0}
+    cfg = json.loads((run / 'config.json').read_text())['config']
+    assert cfg['preset'] == 'toy' and cfg['batch'] == 8 and cfg['freeze'] == 1 and cfg['freeze_counts']['frozen'] > 0
+    assert [p.name for p in list_checkpoints(run / 'checkpoints')] == ['step-00000003']
+    # resume to 5 iterations from the latest checkpoint
+    r = _cli('--preset', 'toy', '--run_dir', run, '--steps', 5, '--ckpt_every', 100, '--toy_n', 64, '--batch', 8,
+             '--device', 'cpu', '--no_progress', '--resume', 'latest')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(run / 'checkpoints')][-1] == 'step-00000005'
+    G = load_network(run / 'network-final.safetensors')
+    assert type(G).__name__ == 'ConsistencyPrecond' and G.sigma_min == 0.002 and G.amp_dtype is None
+
+
+def test_cli_bad_preset(tmp_path):
+    r = _cli('--preset', 'lsun', '--run_dir', tmp_path / 'r')
+    assert r.returncode != 0 and 'lsun' in r.stderr
+
+
+def test_teacher_file_conditional_gdd(tmp_path):
+    t = tiny_gdd_teacher(8, 3, label_dim=4)
+    save_network(t, tmp_path / 'teacher.safetensors')
+    learn = train_gdd(tmp_path / 'run', 'toy', teacher=str(tmp_path / 'teacher.safetensors'), toy_n=64, steps=2, device='cpu',
+                      progress=False, cond=True, freeze=0, batch=8, diffaug='color,translation,cutout', r1_every=1, r1_gamma=0.1)
+    assert learn.update_counts == {'G': 2, 'D': 2, 'R1': 2}
+    assert learn.gdd_config['freeze_counts']['frozen'] == 0 and learn.D.heads.cls is not None
+    # GDD (freeze 0): every generator parameter is in the optimizer
+    assert len(learn.steps[0].params) == len(list(learn.unwrapped('G').parameters()))
+
+
+def test_gddi_optimizer_holds_only_trainable(tmp_path):
+    learn = train_gdd(tmp_path / 'run', 'toy', toy_n=64, steps=1, device='cpu', progress=False, batch=8, freeze=2)
+    G = learn.unwrapped('G')
+    opt_ids = {id(p) for p in learn.steps[0].params}
+    for n, p in G.named_parameters():
+        assert (id(p) in opt_ids) == p.requires_grad, n
+        if n.split('.')[-2] in ('conv0', 'conv1', 'proj', 'qkv'): assert not p.requires_grad, n
+    # D's optimizer has the lazy-R1 correction
+    d_opt = learn.steps[1].opt
+    assert abs(d_opt.param_groups[0]['lr'] - 1e-3 * 16 / 17) < 1e-12
+    assert abs(d_opt.param_groups[0]['betas'][1] - 0.99 ** (16 / 17)) < 1e-12
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match='--cond'):
+        train_gdd(tmp_path / 'a', 'toy', teacher=tiny_gdd_teacher(8, 3, label_dim=3), toy_n=16, steps=1, device='cpu', progress=False, cond=True)
+    with pytest.raises(ValueError, match='--data'):
+        train_gdd(tmp_path / 'b', 'toy', teacher=tiny_gdd_teacher(16, 3), toy_n=16, steps=1, device='cpu', progress=False)
+    with pytest.raises(FileNotFoundError, match='--data'):
+        train_gdd(tmp_path / 'c', 'toy', data=str(tmp_path / 'nope.zip'), steps=1, device='cpu', progress=False)
+    with pytest.raises(ValueError, match='--freeze'):
+        train_gdd(tmp_path / 'd', 'toy', toy_n=16, steps=1, device='cpu', progress=False, freeze=7)
+
+
+def test_presets():
+    for name in ('cifar10-uncond', 'cifar10-cond', 'afhqv2-64', 'ffhq-64', 'imagenet-64'):
+        c = gdd_config(name)
+        assert c['freeze'] == 1 and c['r1_every'] == 16 and c['sigma_g'] == 80 and c['feature_size'] == 224
+    assert gdd_config('imagenet-64')['batch'] == 512 and gdd_config('imagenet-64')['g_lr'] == 8e-6
+    assert gdd_config('afhqv2-64', d_lr=1e-5)['d_lr'] == 1e-5
+
+
+def test_ddp_two_processes_with_r1(tmp_path):
+    "torchrun, 2 CPU processes (gloo): G, D and R1 steps (double backward through the DDP-wrapped heads) run and agree."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port), '-m', 'distill_nb.gdd',
+           '--preset', 'toy', '--run_dir', str(tmp_path / 'run'), '--steps', '2', '--r1_every', '1', '--r1_gamma', '0.1',
+           '--toy_n', '64', '--batch', '8', '--device', 'cpu', '--no_progress', '--ckpt_every', '2']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-4000:]
+    cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert cfg['world_size'] == 2 and cfg['config']['batch'] == 8
+    assert (tmp_path / 'run' / 'network-final.safetensors').exists()
+
+
+def test_fid_during_training(tmp_path):
+    "FID of the EMA generator through the metrics module (tiny detector, reference stats of the toy data)."
+    from distill_nb.metrics import save_tiny_detector, compute_ref_stats
+    from distill_nb.gdd import gdd_dataset
+    det = save_tiny_detector(tmp_path / 'det.safetensors', dim=16, resolution=8)
+    ds = gdd_dataset('toy', 8, 64)
+    compute_ref_stats(torch.stack([ds[i][0] for i in range(64)]), tmp_path / 'ref.npz', detector=det)
+    train_gdd(tmp_path / 'run', 'toy', toy_n=64, steps=2, device='cpu', progress=False, batch=8,
+                      fid_ref=str(tmp_path / 'ref.npz'), fid_detector=str(det), fid_every=1, fid_n=32)
+    fids = [json.loads(l).get('fid') for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    fids = [f for f in fids if f is not None]
+    assert fids and all(f > 0 for f in fids)
