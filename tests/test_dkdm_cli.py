@@ -1,4 +1,4 @@
-"Tests of the DKDM CLIs `dkdm_prepare` / `dkdm_train`: pool files, modes, resume, errors (tiny ADM teacher, T = 20, CPU)."
+"Tests of the DKDM CLIs `dkdm_prepare` / `dkdm_train` / `dkdm_baseline`: pool files, modes, fp16, resume, baselines, errors (tiny ADM teacher, T = 20, CPU)."
 import json, os, subprocess, sys
 from pathlib import Path
 import pytest
@@ -8,7 +8,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))  # works without `pip install -e .`
 from distill_nb.adm import ADMUNet, adm_kwargs_from_flags
-from distill_nb.dkdm import dkdm_prepare, dkdm_train, load_pool, read_pool_meta
+from distill_nb.dkdm import dkdm_prepare, dkdm_train, dkdm_baseline, load_pool, read_pool_meta
+from distill_nb.data.lmdb_dataset import LMDBDataset, write_lmdb
 from distill_nb.learner import load_module, list_checkpoints
 
 @pytest.fixture(autouse=True)
@@ -97,10 +98,96 @@ def test_errors(teacher, tmp_path):
     with pytest.raises(ValueError, match='student image'): train(teacher, tmp_path/'x', student='14M', student_flags=None)
 
 def test_help(tmp_path):
+    "Every CLI parses `--help` as its console script would (one subprocess: the import dominates)."
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    for name in ('dkdm_train', 'dkdm_prepare'):  # as the console script would run it
-        script = tmp_path/f'{name}.py'
-        script.write_text(f"from distill_nb.dkdm import {name}\n{name}()\n")
-        r = subprocess.run([sys.executable, str(script), '--help'], capture_output=True, text=True, env=env, timeout=120)
-        assert r.returncode == 0, r.stderr
-        assert '--teacher' in r.stdout and '--preset' in r.stdout
+    script = tmp_path/'helps.py'
+    script.write_text("from distill_nb.dkdm import dkdm_train, dkdm_prepare, dkdm_baseline\n"
+                      "for f in (dkdm_train, dkdm_prepare, dkdm_baseline):\n"
+                      "    print('=== ' + f.__name__, flush=True)\n"
+                      "    try: f()\n"
+                      "    except SystemExit as e: assert not e.code, e.code\n")
+    r = subprocess.run([sys.executable, str(script), '--help'], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    helps = dict(h.split('\n', 1) for h in r.stdout.split('=== ')[1:])
+    assert set(helps) == {'dkdm_train', 'dkdm_prepare', 'dkdm_baseline'}
+    for h in helps.values(): assert '--preset' in h and '--out' in h
+    assert '--real_fraction' in helps['dkdm_baseline'] and '--generate_only' in helps['dkdm_baseline']
+    assert 'fp16' in helps['dkdm_train']
+
+def test_train_fp16_resume(teacher, tmp_path):
+    "The reference's fp16 student with dynamic loss scaling (on CPU here): the scaler is checkpointed and resume is exact."
+    kw = dict(mode='iterative', amp='fp16', save_every=1)  # (float16 kernels are slow on CPU: few steps)
+    train(teacher, tmp_path/'a', steps=2, **kw)
+    train(teacher, tmp_path/'b', steps=1, **kw)
+    train(teacher, tmp_path/'b', steps=2, resume='latest', **kw)
+    a, b = load_module(tmp_path/'a'/'student.safetensors'), load_module(tmp_path/'b'/'student.safetensors')
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(u, v), k
+    st = torch.load(tmp_path/'b'/'checkpoints'/'step-00000002'/'training_state.pt', weights_only=True)
+    assert set(st['scalers']) == {'student'} and st['scalers']['student']['scale'] <= 2. ** 20
+    cfg = json.loads((tmp_path/'a'/'config.json').read_text())['config']
+    assert cfg['amp'] == 'fp16' and cfg['loss_scale']['init_scale'] == 2. ** 20
+    recs = [json.loads(l) for l in (tmp_path/'a'/'metrics.jsonl').read_text().splitlines()]
+    assert 'student/loss_scale' in recs[-1]
+    with pytest.raises(ValueError, match="--amp 'fp8'"): train(teacher, tmp_path/'x', amp='fp8')
+
+def baseline(teacher, out, **kw):
+    args = dict(teacher=str(teacher) if teacher else None, out=str(out), student_flags=STUDENT, n_synthetic=6, synthetic_steps='4', gen_batch=4,
+                batch_size=4, steps=3, save_every=2, log_every=1, device='cpu', lr=1e-3); args.update(kw)
+    return dkdm_baseline(**args)
+
+def real_lmdb(path, n=10, shape=(3, 8, 8)):
+    write_lmdb(path, ((torch.full(shape, 200, dtype=torch.uint8).numpy(), 1) for _ in range(n)))
+    return path
+
+def test_baseline_data_free(teacher, tmp_path):
+    baseline(teacher, tmp_path/'a')
+    syn = LMDBDataset(tmp_path/'a'/'synthetic')
+    assert len(syn) == 6 and syn.image_shape == (3, 8, 8) and not (tmp_path/'a'/'synthetic.parts').exists()
+    s = load_module(tmp_path/'a'/'student.safetensors')
+    assert isinstance(s, ADMUNet) and s.out_channels == 6 and (tmp_path/'a'/'student_ema.safetensors').exists()
+    assert [p.name for p in list_checkpoints(tmp_path/'a'/'checkpoints')] == ['step-00000002', 'step-00000003']
+    recs = [json.loads(l) for l in (tmp_path/'a'/'metrics.jsonl').read_text().splitlines()]
+    assert 'student/mse' in recs[-1] and 'student/vb' in recs[-1]
+    cfg = json.loads((tmp_path/'a'/'config.json').read_text())['config']
+    assert cfg['method'] == 'dkdm_baseline' and cfg['dataset_size'] == 6 and cfg['real_data'] is None
+    # resume: the synthetic set is reused (no teacher needed) and the run continues exactly
+    baseline(None, tmp_path/'b', synthetic=str(tmp_path/'a'/'synthetic'), steps=2, config=str(teacher.with_suffix('.json')))
+    baseline(None, tmp_path/'b', synthetic=str(tmp_path/'a'/'synthetic'), steps=3, resume='latest', config=str(teacher.with_suffix('.json')))
+    a, b = load_module(tmp_path/'a'/'student.safetensors'), load_module(tmp_path/'b'/'student.safetensors')
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()): assert torch.equal(u, v), k
+
+def test_baseline_data_limited(teacher, tmp_path):
+    real = real_lmdb(tmp_path/'real')
+    baseline(teacher, tmp_path/'mix', n_synthetic=8, real_data=str(real), real_fraction=0.3, amp='bf16')
+    cfg = json.loads((tmp_path/'mix'/'config.json').read_text())['config']
+    assert cfg['dataset_size'] == 10 and cfg['real_fraction'] == 0.3 and cfg['amp'] == 'bf16'  # 3 real + 7 synthetic, as in the reference
+    baseline(None, tmp_path/'real-only', real_data=str(real), real_fraction=1.0, steps=1)  # data-based: no teacher, no synthetic set
+    assert (tmp_path/'real-only'/'student.safetensors').exists() and not (tmp_path/'real-only'/'synthetic').exists()
+    with pytest.raises(ValueError, match='needs --real_data'): baseline(teacher, tmp_path/'x', real_fraction=0.2)
+    with pytest.raises(FileNotFoundError, match='--real_data'): baseline(teacher, tmp_path/'x', real_data=str(tmp_path/'nope'), real_fraction=0.2)
+    with pytest.raises(ValueError, match='synthetic set has 8 images; 9 needed'):
+        baseline(teacher, tmp_path/'mix', n_synthetic=8, real_data=str(real), real_fraction=0.1)
+    small = real_lmdb(tmp_path/'small', shape=(3, 4, 4))
+    with pytest.raises(ValueError, match='student expects 3x8x8'): baseline(None, tmp_path/'y', real_data=str(small), real_fraction=1.0)
+    with pytest.raises(ValueError, match='--teacher is required'): baseline(None, tmp_path/'z')
+
+def test_baseline_two_ranks(teacher, tmp_path):
+    "torchrun with 2 CPU processes (gloo): generation is sharded over ranks and gives the same images as one process; DDP fp16 training runs."
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    script = tmp_path/'run.py'
+    script.write_text("from distill_nb.dkdm import dkdm_baseline\ndkdm_baseline()\n")
+    args = ['--teacher', str(teacher), '--out', str(tmp_path/'w2'), '--student_flags', STUDENT, '--n_synthetic', '6', '--synthetic_steps', '4',
+            '--gen_batch', '2', '--batch_size', '4', '--steps', '2', '--save_every', '2', '--log_every', '1', '--device', 'cpu',
+            '--amp', 'fp16']  # DDP with the loss scaler
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    baseline(teacher, tmp_path/'w1', gen_batch=2, generate_only=True)  # meanwhile, the same set in this process
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out
+    a, b = LMDBDataset(tmp_path/'w1'/'synthetic'), LMDBDataset(tmp_path/'w2'/'synthetic')
+    assert len(a) == len(b) == 6
+    for i in range(6): assert (a.raw(i)[0] == b.raw(i)[0]).all()
+    assert json.loads((tmp_path/'w2'/'config.json').read_text())['world_size'] == 2
+    st = torch.load(tmp_path/'w2'/'checkpoints'/'step-00000002'/'training_state.pt', weights_only=True)
+    assert len(st['rng']) == 2 and 'student' in st['scalers']
+    assert (tmp_path/'w2'/'student.safetensors').exists() and not (tmp_path/'w1'/'checkpoints').exists()
