@@ -1,0 +1,86 @@
+"The `distill_demo` CLI (shrunk), its errors and --help, torchrun, and the shipped demo teacher."
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHRUNK = ['--iters', '60', '--batch', '32', '--n_eval', '256', '--no_progress']
+
+
+def _env(tmp_path):
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'WANDB_MODE': 'disabled',
+            'PYTHONPATH': os.pathsep.join([str(ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
+
+
+def _cli(module, args, tmp_path, check=True, timeout=240):
+    r = subprocess.run([sys.executable, '-m', module, *map(str, args)], env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=timeout, cwd=tmp_path)
+    if check: assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    return r
+
+
+def test_help_documents_every_flag(tmp_path):
+    out = _cli('distill_nb.demo', ['--help'], tmp_path).stdout
+    for flag in ('--outdir', '--method', '--iters', '--batch', '--lr', '--n_eval', '--eval_batch', '--seed', '--device',
+                 '--teacher', '--no_progress', '--threads'):
+        assert flag in out, flag
+    assert 'distill_demo_out' in out and 'dmd2' in out
+    out = _cli('distill_nb.demo_teacher', ['--help'], tmp_path).stdout
+    for flag in ('--dest', '--run_dir', '--device', '--steps', '--resume'): assert flag in out, flag
+
+
+def test_unknown_method_lists_available(tmp_path):
+    r = _cli('distill_nb.demo', ['--method', 'magic', '--outdir', tmp_path / 'o'], tmp_path, check=False)
+    assert r.returncode != 0 and "--method 'magic': not available; expected one of" in r.stderr and "'dmd2'" in r.stderr
+    assert not (tmp_path / 'o').exists()
+
+
+def test_shrunk_demo_beats_untrained(tmp_path):
+    out = tmp_path / 'out'
+    r = _cli('distill_nb.demo', ['--outdir', out, *SHRUNK], tmp_path)
+    assert '| teacher, Heun 18 steps | 35 |' in r.stdout and '| DMD2 student | 1 |' in r.stdout, r.stdout
+    res = json.loads((out / 'results.json').read_text())
+    rows = {x['model']: x for x in res['rows']}
+    s, u = rows['DMD2 student'], rows['untrained student (teacher copy)']
+    assert s['fd_rc'] < u['fd_rc'] and s['sw'] < u['sw'], rows
+    assert res['beats_untrained'] is True
+    for f in ('samples.png', 'losses.png', 'results.md', 'student_dmd2.safetensors'): assert (out / f).is_file(), f
+    from distill_nb.checkpoints import load_network
+    g = load_network(out / 'student_dmd2.safetensors')
+    assert g.distill_meta['sampler'] == {'kind': 'one_step', 'sigma': 80.0} and g.distill_meta['method'] == 'dmd2'
+
+
+@pytest.mark.skipif(shutil.which('torchrun') is None and not (Path(sys.executable).parent / 'torchrun').exists(), reason='no torchrun')
+def test_torchrun_two_processes(tmp_path):
+    tr = shutil.which('torchrun') or str(Path(sys.executable).parent / 'torchrun')
+    out = tmp_path / 'ddp'
+    r = subprocess.run([tr, '--standalone', '--nproc_per_node', '2', '-m', 'distill_nb.demo', '--outdir', str(out), '--iters', '4',
+                        '--batch', '8', '--n_eval', '32', '--eval_batch', '32', '--no_progress'], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    res = json.loads((out / 'results.json').read_text())
+    assert res['world_size'] == 2 and r.stdout.count('| DMD2 student | 1 |') == 1  # rank 0 prints and writes
+
+
+def test_shipped_teacher_is_package_data():
+    from distill_nb.demo_teacher import demo_teacher_path, load_demo_teacher
+    from distill_nb.checkpoints import read_network_meta
+    p = demo_teacher_path()
+    assert p.is_file() and p.stat().st_size < 4 * 2 ** 20
+    assert p.parent == ROOT / 'distill_nb' / 'assets'
+    assert 'recursive-include distill_nb/assets *' in (ROOT / 'MANIFEST.in').read_text()
+    t = load_demo_teacher()
+    assert (type(t).__name__, t.img_resolution, t.img_channels, t.label_dim) == ('EDMPrecond', 16, 3, 4)
+    meta = read_network_meta(p)
+    assert meta['demo_teacher']['recipe']['arch'] == 'tiny' and meta['sampler'] == {'kind': 'edm'}
+
+
+def test_cd_method_smoke(tmp_path):
+    "Consistency distillation runs through the same table, with 1, 2 and 4 steps (quality not checked at this size)."
+    out = tmp_path / 'cd'
+    r = _cli('distill_nb.demo', ['--method', 'cd', '--outdir', out, '--iters', '3', '--batch', '8', '--n_eval', '32',
+                                 '--eval_batch', '32', '--no_progress'], tmp_path)
+    for k in ('| CD student, 1 step | 1 |', '| CD student, 2 steps | 2 |', '| CD student, 4 steps | 4 |'): assert k in r.stdout, r.stdout
+    from distill_nb.checkpoints import load_network
+    g = load_network(out / 'student_cd.safetensors')
+    assert type(g).__name__ == 'ConsistencyPrecond' and g.distill_meta['sampler']['kind'] == 'consistency'
