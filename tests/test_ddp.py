@@ -51,7 +51,7 @@ WORKER = textwrap.dedent('''
     res['full'] = train(out/'a', 6); train(out/'b', 4)
     res['resumed'] = train(out/'b', 6, resume=out/'b'/'checkpoints'/'step-00000003')
     if info.rank == 0: (out/'result.json').write_text(json.dumps(res))
-    dist.destroy_process_group()
+    dist.barrier(); dist.destroy_process_group()  # barrier first: a rank tearing gloo down while its peer still talks can abort
 ''')
 
 
