@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import call_parse
 from .core import register, store_init_kwargs, module_config, unwrap_model, seed_everything, to_jsonable
 from .schedules import karras_sigmas
 from .precond import ConsistencyPrecond, EDMPrecond
@@ -18,6 +17,7 @@ from .checkpoints import save_network, load_network
 from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed,
                                 list_checkpoints)
 from .callbacks import EMA, Checkpointer, MetricsLogger
+from .core import cli
 
 # %% auto #0
 __all__ = ['consistency_from_teacher', 'teacher_ode_step', 'pseudo_huber_c', 'cd_distance', 'LPIPS',
@@ -328,7 +328,7 @@ def train_cd(cfg: CDConfig, log_fn=print) -> Learner:
     if run is not None: run.finish()
     return learn
 
-@call_parse
+@cli
 def cd_train(teacher_model_path: str = None, # EDM teacher: EDM *.pkl, distill_nb *.safetensors or builtin:tiny-edm
              data: str = 'toy', # training images: LMDB folder, image folder/zip, or 'toy'
              output_path: str = 'cd_run', # run folder (checkpoints, logs, consistency_model.safetensors)

@@ -4,17 +4,20 @@
 
 # %% ../nbs/00_core.ipynb #d7b5457a
 from __future__ import annotations
-import contextlib, hashlib, json, os, re, tempfile
+import contextlib, errno, hashlib, inspect, json, os, re, sys, tempfile
+from functools import wraps
 from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from fastcore.script import anno_parser
 
 # %% auto #0
 __all__ = ['REGISTRY', 'in_test', 'get_device', 'append_dims', 'as_sigma', 'StackedRandomGenerator', 'parse_int_list',
            'seed_everything', 'rng_state', 'set_rng_state', 'to_uint8', 'from_uint8', 'atomic_write', 'atomic_path',
            'sha256_file', 'to_jsonable', 'from_jsonable', 'config_hash', 'register', 'build_from_config',
-           'module_config', 'unwrap_model', 'store_init_kwargs']
+           'module_config', 'unwrap_model', 'store_init_kwargs', 'UserError', 'user_error_message', 'cli_prog',
+           'run_cli', 'cli']
 
 # %% ../nbs/00_core.ipynb #78ce0a3b
 def in_test() -> bool:
@@ -201,3 +204,59 @@ def store_init_kwargs(obj, local_vars: dict):
     kw = {k: v for k, v in local_vars.items() if k not in ('self', '__class__') and not k.startswith('_')}
     for name in ('kwargs', 'model_kwargs'): kw.update(kw.pop(name, None) or {})
     obj.init_kwargs = kw
+
+# %% ../nbs/00_core.ipynb #bed0c444
+class UserError(ValueError):
+    "A file or flag that is not what was expected; command lines print it as one line, without a traceback."
+
+_OS_USER_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC,
+                   errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENAMETOOLONG, errno.ENOTEMPTY}
+_OS_USER_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+def user_error_message(e: BaseException) -> str | None:
+    "The one-line message for a user error (see above), or None when `e` is a bug that keeps its traceback."
+    if isinstance(e, UserError): msg = str(e)
+    elif isinstance(e, _OS_USER_ERRORS) or isinstance(e, OSError) and e.errno in _OS_USER_ERRNOS:
+        msg = f'{e.filename}: {e.strerror}' if e.filename and e.strerror else str(e)
+    else: return None
+    return ' '.join(msg.split())  # one line, whatever the message held
+
+def cli_prog(func) -> str:
+    "Program name for messages: the console script's name, or the function's name under `python -m`."
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ''
+    return func.__name__ if not name or name.endswith('.py') or name in ('-c', '-m') else name
+
+# %% ../nbs/00_core.ipynb #cf5ba2f0
+def run_cli(func, # the command's function
+            kwargs: dict, # parsed flags
+            prog: str, # program name for messages
+            debug: bool = False): # re-raise user errors with their traceback
+    "Call `func(**kwargs)`; a user error becomes `prog: error: message` on stderr and exit status 2."
+    debug = debug or os.environ.get('DISTILL_NB_DEBUG', '') not in ('', '0')
+    try: return func(**kwargs)
+    except KeyboardInterrupt:
+        if debug: raise
+        print(f'{prog}: interrupted', file=sys.stderr); sys.exit(130)
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None or debug: raise
+        print(f'{prog}: error: {msg}', file=sys.stderr); sys.exit(2)
+
+def cli(func):
+    "Like fastcore's `call_parse` (same parser, runs under `python -m`), plus `--debug` and one-line user errors."
+    @wraps(func)
+    def _f(*args, **kwargs):
+        if args or kwargs: return func(*args, **kwargs)  # called from Python: a plain function call
+        prog = cli_prog(func)
+        p = anno_parser(func, prog)
+        p.add_argument('--debug', action='store_true', help='show the full traceback of errors (also DISTILL_NB_DEBUG=1)')
+        if len(sys.argv) > 1 and sys.argv[1] == '': sys.argv.pop(1)
+        ns = vars(p.parse_args())
+        for k in ('pdb', 'xtra'): ns.pop(k, None)
+        debug = ns.pop('debug')
+        return run_cli(func, ns, prog, debug)
+    mod = inspect.getmodule(inspect.currentframe().f_back)
+    if getattr(mod, '__name__', '') == '__main__':
+        setattr(mod, func.__name__, _f)
+        return _f()
+    return _f

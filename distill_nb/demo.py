@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable
 from .toydata import ToyShapes
 from .samplers import edm_sampler, one_step_sample, consistency_sampler
@@ -21,6 +21,7 @@ from .checkpoints import save_network, load_network
 from .callbacks import image_grid, ProgressCB
 from .learner import init_distributed, DistInfo
 from .demo_teacher import load_demo_teacher, demo_teacher_path, DEMO_TEACHER_RECIPE
+from .core import cli
 
 # %% auto #0
 __all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'RandomConvFeatures',
@@ -400,7 +401,7 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     return res
 
 # %% ../nbs/91_demo.ipynb #52cd7db2
-@call_parse
+@cli
 def distill_demo(
     outdir: str = 'distill_demo_out', # Output folder (samples.png, losses.png, results.json/.md, the student)
     method: str = 'dmd2', # Distillation method: dmd2 (one step), dmd (DMD v1, one step, teacher pairs), cd (1, 2, 4 steps) or gdd (GDD-I, one step, real toy images)

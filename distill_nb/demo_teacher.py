@@ -7,10 +7,11 @@ from __future__ import annotations
 import json, shlex, time
 from pathlib import Path
 import torch
-from fastcore.script import call_parse, store_true
+from fastcore.script import store_true
 from .core import in_test, sha256_file
 from .checkpoints import load_network, save_network, read_network_meta
 from .edm_train import train_edm
+from .core import cli
 
 # %% auto #0
 __all__ = ['DEMO_TEACHER_RECIPE', 'demo_teacher_command', 'edm_train_command', 'demo_teacher_path', 'load_demo_teacher',
@@ -72,7 +73,7 @@ def make_demo_teacher(dest: str | Path, # destination `.safetensors`
     return dest
 
 # %% ../nbs/90_demo_teacher.ipynb #bcb685c7
-@call_parse
+@cli
 def demo_teacher(dest: str = 'distill_nb/assets/demo_teacher.safetensors', # Destination .safetensors file
                  run_dir: str = None, # Training run folder [default: next to --dest, `<stem>_run`]
                  device: str = 'cpu', # Training device: cpu, cuda, cuda:1

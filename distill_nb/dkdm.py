@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from fastcore.script import call_parse
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import atomic_path, get_device, seed_everything, to_jsonable, unwrap_model, register, store_init_kwargs
@@ -18,6 +17,7 @@ from .adm import ADMUNet, adm_kwargs_from_flags, load_adm
 from .ddpm import DDPM, diffusion_from_flags, mean_flat, normal_kl
 from .learner import Learner, TrainStep, Callback, init_distributed, list_checkpoints, ResumableLoader, save_module
 from .callbacks import EMA, Checkpointer, MetricsLogger
+from .core import cli
 
 # %% auto #0
 __all__ = ['DKDM_ARCH_32', 'DKDM_STUDENTS', 'MODES', 'POOL_FORMAT', 'DKDM_LOSS_SCALE', 'PRECISIONS', 'DKDM_DIFFUSION',
@@ -596,7 +596,7 @@ def _dev_default(value, preset_value, device):
     if value not in (None, 'auto'): return None if value in ('none', 'fp32') else value
     return preset_value if torch.device(device).type == 'cuda' else None
 
-@call_parse
+@cli
 def dkdm_prepare(teacher: str = None, # teacher checkpoint (.pt plain state dict or .safetensors)
                  out: str = None, # output folder for the pool shards
                  preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32
@@ -623,7 +623,7 @@ def dkdm_prepare(teacher: str = None, # teacher checkpoint (.pt plain state dict
                                        'teacher_flags': flags, 'seed': seed, 'shape': shape})
     print(f'dkdm_prepare: wrote {n} states in {shards} shard(s) to {out}')
 
-@call_parse
+@cli
 def dkdm_train(teacher: str = None, # teacher checkpoint (.pt plain state dict or .safetensors)
                out: str = None, # run folder (config, metrics, checkpoints, final student)
                preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32
@@ -698,7 +698,7 @@ def _save_students(learn, out, tflags, name):
     if emas: save_module(emas[0].module(), Path(out)/'student_ema.safetensors', meta={'step': learn.step, 'diffusion': tflags})
     print(f'{name}: {learn.step} steps done; student written to {out}')
 
-@call_parse
+@cli
 def dkdm_baseline(teacher: str = None, # teacher checkpoint (needed only to generate the synthetic set)
                   out: str = None, # run folder (config, metrics, checkpoints, final student; default home of the synthetic set)
                   preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32

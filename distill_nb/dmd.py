@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import call_parse, store_true
+from fastcore.script import store_true
 from .core import get_device, seed_everything
 from .dmd2 import (DMD2, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, one_hot, save_image_grid,
                              fid_callback, default_callbacks)
 from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, list_checkpoints, init_distributed
 from .checkpoints import load_network
+from .core import cli
 
 # %% auto #0
 __all__ = ['DMDGenerator', 'display_samples', 'LPIPS', 'lpips_from_registry', 'l2_regression', 'regression_fn', 'DMDConfig',
@@ -197,7 +198,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
 if __name__ == '__main__' and Path(sys.argv[0]).name == 'dmd.py':  # `python -m distill_nb.dmd --model-path ...`
     sys.argv[1:] = normalize_argv(sys.argv[1:])
 
-@call_parse
+@cli
 def dmd_train(
     model_path: str = None, # EDM teacher (.pkl path/URL or distill_nb .safetensors)
     data_path: str = None, # HDF5 pairs file (DMD v1 layout)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import call_parse, store_true
+from fastcore.script import store_true
 from .core import (get_device, append_dims, as_sigma, StackedRandomGenerator, seed_everything, to_uint8,
                              atomic_write, register, store_init_kwargs, unwrap_model)
 from .schedules import karras_train_sigmas, train_index_range
+from .core import cli
 
 # %% auto #0
 __all__ = ['DATASETS', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss', 'edm_weight', 'fake_score_loss', 'gan_gen_loss',
@@ -679,7 +680,7 @@ def train_dmd2(cfg: DMD2Config, initialize_generator: bool = True, log_fn=print)
     return learn
 
 # %% ../nbs/30_dmd2.ipynb #aa23741c
-@call_parse
+@cli
 def dmd2_train(
     teacher_model_path: str = None, # EDM teacher: EDM .pkl (path/URL) or distill_nb .safetensors
     model_id: str = None, # alias of --teacher_model_path (DMD2's name)

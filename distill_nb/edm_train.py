@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from .core import seed_everything, from_uint8, in_test
 from .learner import (Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, save_module)
 from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, SampleGrid
@@ -16,6 +16,7 @@ from .precond import EDMPrecond
 import distill_nb.networks  # registers SongUNet / DhariwalUNet
 from .samplers import generate_images
 from .toydata import ToyShapes
+from .core import cli
 
 # %% auto #0
 __all__ = ['EDM_PRESETS', 'edm_loss_weight', 'edm_sample_sigma', 'edm_loss', 'edm_network', 'edm_dataset', 'train_edm',
@@ -141,7 +142,7 @@ def train_edm(run_dir: str | Path = 'runs/edm', # run folder: config, metrics, s
 _ARCH = Param('Network preset', str, choices=list(EDM_PRESETS))
 _WANDB = Param('Weights & Biases mode', str, choices=['online', 'offline', 'disabled'])
 
-@call_parse
+@cli
 def edm_train(
     run_dir: str = 'runs/edm', # Run folder (config, metrics, samples, checkpoints)
     data: str = 'toy', # 'toy' (procedural shapes) or a dataset path (EDM zip/folder, image folder, LMDB)

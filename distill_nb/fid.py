@@ -6,10 +6,11 @@
 from __future__ import annotations
 import json, urllib.parse
 from pathlib import Path
-from fastcore.script import call_parse, store_true
+from fastcore.script import store_true
 from .core import atomic_write, to_jsonable
 from .weights import WEIGHTS, resolve_weights
 from .metrics import compute_metrics, compute_ref_stats, load_detector, _inception_advice
+from .core import cli
 
 # %% auto #0
 __all__ = ['resolve_detector_arg', 'fid_ref', 'fid_calc', 'distill_fid']
@@ -78,7 +79,7 @@ def fid_calc(images: str, # folder or zip of generated images
     return _report(res, out)
 
 # %% ../nbs/17_fid_cli.ipynb #4c1f435e
-@call_parse
+@cli
 def distill_fid(cmd: str, # sub-command: 'ref' (dataset statistics) or 'calc' (score images)
                 data: str = None, # ref: dataset folder or zip
                 dest: str = None, # ref: destination .npz

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from .core import seed_everything, in_test, unwrap_model
 from .networks import UNetBlock
 from .precond import EDMPrecond, ConsistencyPrecond
@@ -19,6 +19,7 @@ from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, init_d
 from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, MetricCallback
 from .projected_d import ProjectedDiscriminator
 from .toydata import ToyShapes
+from .core import cli
 
 # %% auto #0
 __all__ = ['GDD_FREEZE_RULES', 'GDD_PRESETS', 'gdd_generator', 'freeze_rule', 'frozen_parameter_names', 'apply_freeze',
@@ -357,7 +358,7 @@ def toy_sample_distance(G: nn.Module, real: torch.Tensor, n: int = 512, sigma_g:
 # %% ../nbs/50_gdd.ipynb #6c9a0739
 _WANDB_MODE = Param('Weights & Biases mode', str, choices=['online', 'offline', 'disabled'])
 
-@call_parse
+@cli
 def gdd_train(
     preset: Param('Settings preset', str, choices=list(GDD_PRESETS)) = 'toy',
     run_dir: str = 'runs/gdd', # Run folder (config, metrics, checkpoints, network-final.safetensors)

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from PIL import Image
-from fastcore.script import call_parse, store_true, Param
+from fastcore.script import store_true, Param
 from .core import atomic_path, get_device, parse_int_list
 from .schedules import karras_sigmas
 from .samplers import iter_image_batches, rank_batches
 from .checkpoints import load_network
+from .core import cli
 
 # %% ../nbs/06_generate.ipynb #3d79b389
 def sampler_settings(net: nn.Module, # loaded network; `net.distill_meta['sampler']` says how to sample it
@@ -126,7 +127,7 @@ _NETWORK = Param('Network: EDM pickle (edm-*.pkl, network-snapshot-*.pkl), disti
 _OUTDIR = Param('Where to save the output images', str, required=True)
 _SOLVER = Param('ODE solver: euler or heun', str, choices=['euler', 'heun'])
 
-@call_parse
+@cli
 def distill_generate(
     network: _NETWORK = None,
     outdir: _OUTDIR = None,

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from fastcore.script import call_parse
 from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import atomic_path, seed_everything, to_jsonable, StackedRandomGenerator
@@ -22,6 +21,7 @@ from .callbacks import EMA, Checkpointer, MetricsLogger
 from .microdit import (LatentEDMPrecond, LatentConsistencyPrecond, microdit_kwargs, latent_teacher,
                                  latent_student_from_teacher)
 from .cd import teacher_ode_step, cd_distance
+from .core import cli
 
 # %% auto #0
 __all__ = ['LATENT_FORMAT', 'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser', 'LCMLoss', 'lcm_learner', 'lcm_sigmas',
@@ -372,7 +372,7 @@ def train_lcm(cfg: LCMConfig, log_fn=print) -> Learner:
     if run is not None: run.finish()
     return learn
 
-@call_parse
+@cli
 def lcm_train(teacher_ckpt: str = None, # MicroDiT checkpoint (.pt state dict or .safetensors), or a distill_nb LatentEDMPrecond
               data: str = None, # precomputed latents + caption embeddings (distill_nb.latent_text .safetensors/.npz)
               output_path: str = 'lcm_run', # run folder (checkpoints, logs, lcm_student.safetensors)

@@ -6,9 +6,10 @@
 from __future__ import annotations
 import argparse, copy, importlib, json, re, shlex, shutil, subprocess
 from pathlib import Path
-from fastcore.script import call_parse, anno_parser, Param, store_true
+from fastcore.script import anno_parser, Param, store_true
 import distill_nb
 from .core import config_hash, atomic_write, to_jsonable
+from .core import cli
 
 # %% auto #0
 __all__ = ['REQUIRED_FIELDS', 'recipe_dir', 'recipe_names', 'validate_recipe', 'load_recipe', 'recipe_hash', 'write_lock',
@@ -86,7 +87,7 @@ def write_lock(folder: str | Path | None = None) -> Path: # recipe folder (defau
 
 # %% ../nbs/92_recipes.ipynb #61e42b6e
 def trainer_function(r: dict):
-    "The `@call_parse` function of a recipe's trainer."
+    "The `@cli` function of a recipe's trainer."
     t = r['trainer']
     try: mod = importlib.import_module(t['module'])
     except ImportError as e: raise ValueError(f"recipe {r['name']}: cannot import trainer module {t['module']} ({e})") from None
@@ -104,9 +105,9 @@ def trainer_flags(r: dict) -> dict[str, argparse.Action]:
     return {a.dest: a for a in trainer_parser(r)._actions if a.option_strings and a.dest not in ('help', 'pdb', 'xtra')}
 
 def first_cli(module: str) -> str | None:
-    "Name of the first `@call_parse` function in `module`'s source (what `python -m module` runs)."
+    "Name of the first `@cli` function in `module`'s source (what `python -m module` runs)."
     src = Path(importlib.import_module(module).__file__).read_text()
-    m = re.search(r'@call_parse\s*(?:\([^)]*\))?\s*\n\s*def\s+(\w+)', src)
+    m = re.search(r'@(?:cli|call_parse)\s*(?:\([^)]*\))?\s*\n\s*def\s+(\w+)', src)
     return m.group(1) if m else None
 
 # %% ../nbs/92_recipes.ipynb #c263cf48
@@ -245,7 +246,7 @@ def run_recipe(name: str, # recipe name or .json path
     return cmd
 
 # %% ../nbs/92_recipes.ipynb #11575e77
-@call_parse
+@cli
 def distill_recipe(cmd: str, # sub-command: list, show or run
                    name: Param('recipe name or path to a recipe .json', str, opt=False, nargs='?') = None,
                    nproc: int = 8, # processes (GPUs) per node: torchrun --nproc_per_node

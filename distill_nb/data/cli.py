@@ -6,9 +6,9 @@
 from __future__ import annotations
 from collections import Counter
 from pathlib import Path
-from fastcore.script import call_parse
 from .lmdb_dataset import LMDBDataset, LMDBWriter, NO_LABEL
 from .images import ImageFolderDataset, CSVImageDataset, center_crop_resize, write_edm_dataset
+from ..core import cli
 
 # %% auto #0
 __all__ = ['MODES', 'open_dataset', 'dataset_info', 'format_info', 'convert_dataset', 'run_dataset_cli', 'distill_dataset']
@@ -103,7 +103,7 @@ def run_dataset_cli(mode: str, source: str | None, dest: str | None = None, csv:
     if not dest: raise ValueError(f'--dest is required for {mode}')
     convert_dataset(source, dest, 'lmdb' if mode == 'to-lmdb' else 'edm', csv, resolution, max_images, skip_bad)
 
-@call_parse
+@cli
 def distill_dataset(mode: str, # to-lmdb | to-edm (folder, or zip if --dest ends in .zip) | info
                     source: str = None, # LMDB folder, image folder (EDM layout or plain), or .zip
                     dest: str = None, # destination (must not exist)
