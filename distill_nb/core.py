@@ -17,7 +17,7 @@ __all__ = ['REGISTRY', 'in_test', 'get_device', 'append_dims', 'as_sigma', 'Stac
            'seed_everything', 'rng_state', 'set_rng_state', 'to_uint8', 'from_uint8', 'atomic_write', 'atomic_path',
            'sha256_file', 'to_jsonable', 'from_jsonable', 'config_hash', 'register', 'build_from_config',
            'module_config', 'unwrap_model', 'store_init_kwargs', 'UserError', 'user_error_message', 'cli_prog',
-           'run_cli', 'cli']
+           'run_cli', 'cli', 'check_positive', 'check_range', 'check_divisible', 'check_file']
 
 # %% ../nbs/00_core.ipynb #78ce0a3b
 def in_test() -> bool:
@@ -260,3 +260,36 @@ def cli(func):
         setattr(mod, func.__name__, _f)
         return _f()
     return _f
+
+# %% ../nbs/00_core.ipynb #97b5f980
+def check_positive(flag: str, # the flag's name as the user typed it, e.g. '--batch'
+                   value, # its value
+                   allow_zero: bool = False): # accept 0 too
+    "`value` if it is a positive (or, with `allow_zero`, non-negative) number, else a `UserError` naming `flag`."
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or (value < 0 if allow_zero else value <= 0):
+        raise UserError(f"{flag}: expected a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return value
+
+def check_range(flag: str, value, lo=None, hi=None, # inclusive bounds; None = unbounded
+                what: str = 'a value'): # how to call the value in the message
+    "`value` if `lo <= value <= hi`, else a `UserError` naming `flag` and the range."
+    if value is None or value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise UserError(f"{flag}: expected {what} in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {value!r}")
+    return value
+
+def check_divisible(flag: str, value: int, by: int, what: str): # `what` names the divisor, e.g. 'the world size'
+    "`value` if it is divisible by `by`, else a `UserError`."
+    if by <= 0 or value % by: raise UserError(f'{flag}: {value} is not divisible by {what} ({by})')
+    return value
+
+def check_file(path: str | Path | None, flag: str = 'file', # flag that named the file, for the message
+               expected: str = 'a file') -> Path: # what the file should be, for the message
+    "`Path(path)` if it is an existing, non-empty, readable file, else a `UserError` naming it and what was expected."
+    if path is None or str(path) == '': raise UserError(f'{flag}: no file given; expected {expected}')
+    p = Path(path)
+    if not p.exists(): raise UserError(f'{p}: no such file (from {flag}); expected {expected}')
+    if p.is_dir(): raise UserError(f'{p}: is a folder (from {flag}); expected {expected}')
+    if not os.access(p, os.R_OK): raise UserError(f'{p}: permission denied (from {flag})')
+    if p.stat().st_size == 0: raise UserError(f'{p}: empty file (from {flag}); expected {expected}')
+    return p
