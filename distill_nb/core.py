@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d7b5457a
 from __future__ import annotations
-import contextlib, errno, hashlib, inspect, json, os, re, sys, tempfile
+import contextlib, errno, hashlib, inspect, json, os, re, sys, tempfile, typing
 from functools import wraps
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,8 @@ __all__ = ['REGISTRY', 'in_test', 'get_device', 'append_dims', 'as_sigma', 'Stac
            'seed_everything', 'rng_state', 'set_rng_state', 'to_uint8', 'from_uint8', 'atomic_write', 'atomic_path',
            'sha256_file', 'to_jsonable', 'from_jsonable', 'config_hash', 'register', 'build_from_config',
            'module_config', 'unwrap_model', 'store_init_kwargs', 'UserError', 'user_error_message', 'cli_prog',
-           'run_cli', 'cli', 'check_positive', 'check_range', 'check_divisible', 'check_file']
+           'run_cli', 'cli', 'check_positive', 'check_range', 'check_divisible', 'check_file', 'read_state_dict',
+           'one_hot_labels', 'Denoiser']
 
 # %% ../nbs/00_core.ipynb #78ce0a3b
 def in_test() -> bool:
@@ -293,3 +294,50 @@ def check_file(path: str | Path | None, flag: str = 'file', # flag that named th
     if not os.access(p, os.R_OK): raise UserError(f'{p}: permission denied (from {flag})')
     if p.stat().st_size == 0: raise UserError(f'{p}: empty file (from {flag}); expected {expected}')
     return p
+
+# %% ../nbs/00_core.ipynb #76d9467e
+def _is_safetensors(path: Path) -> bool:
+    "True when the file starts like a safetensors file: an 8-byte little-endian header length, then a JSON object."
+    with open(path, 'rb') as f: head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and 0 < int.from_bytes(head[:8], 'little') < path.stat().st_size
+
+def read_state_dict(path: str | Path, # a .safetensors file or a torch.save'd dict of tensors
+                    what: str = 'a state dict', # what the file should hold, for messages
+                    unwrap: tuple = ()) -> dict[str, torch.Tensor]: # wrapper keys to descend into, e.g. ('state_dict', 'model')
+    "Tensors of a weights file, read without running any code from it; errors name the file."
+    p = check_file(path, 'weights file', what)
+    if _is_safetensors(p):
+        from safetensors.torch import load_file
+        try: return load_file(str(p))
+        except Exception as e: raise UserError(f'{p}: damaged safetensors file ({e}); expected {what}') from None
+    try: sd = torch.load(p, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'{p}: cannot be read as {what} (safetensors, or torch.load with weights_only=True): {str(e).splitlines()[0]}') from None
+    for k in unwrap:
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict): sd = sd[k]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f'{p}: expected {what} (a dict of tensors), got {type(sd).__name__}')
+    return sd
+
+# %% ../nbs/00_core.ipynb #3a2aeb68
+def one_hot_labels(labels: torch.Tensor | None, # integer class ids [B], or one-hot [B, label_dim], or None
+                   label_dim: int, # number of classes (0: unconditional)
+                   device: str | torch.device | None = None) -> torch.Tensor | None:
+    "Float one-hot labels `[B, label_dim]` (EDM's convention), or None for an unconditional model."
+    if not label_dim or labels is None: return None
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 2 and labels.shape[1] == label_dim: out = labels.float()
+    else:
+        ids = labels.long().reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= label_dim):
+            raise UserError(f'class label {int(ids.max() if ids.max() >= label_dim else ids.min())} out of range: expected 0..{label_dim - 1}')
+        out = torch.nn.functional.one_hot(ids, label_dim).float()
+    return out if device is None else out.to(device)
+
+@typing.runtime_checkable
+class Denoiser(typing.Protocol):
+    "The contract every teacher, student and fake score meets: D(x; σ) ≈ E[x₀ | x] (Karras et al. 2022, eq. 7)."
+    def __call__(self, x: torch.Tensor, # noisy input [B, ...]
+                 sigma: torch.Tensor | float, # noise level, scalar or [B]
+                 cond: torch.Tensor | None = None, # one-hot labels [B, label_dim] or caption embeddings; None: unconditional
+                 **extra) -> torch.Tensor: ... # adapter-specific options (guidance scale, feature taps)
