@@ -128,7 +128,8 @@ def attention_reference(q: torch.Tensor, # queries [N, d, Lq]
                         v: torch.Tensor, # values [N, d, Lk]
                        ) -> torch.Tensor:
     "Plain attention `v softmax(q^T k / sqrt(d))^T` with the softmax in fp32 (EDM's AttentionOp, Karras et al. 2022)."
-    w = torch.einsum('ncq,nck->nqk', q.float(), k.float() / math.sqrt(k.shape[1])).softmax(dim=2).to(q.dtype)
+    ft = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 inputs stay fp64)
+    w = torch.einsum('ncq,nck->nqk', q.to(ft), k.to(ft) / math.sqrt(k.shape[1])).softmax(dim=2).to(q.dtype)
     return torch.einsum('nqk,nck->ncq', w, v)
 
 def attention(q: torch.Tensor, # queries [N, d, Lq]
@@ -137,7 +138,7 @@ def attention(q: torch.Tensor, # queries [N, d, Lq]
              ) -> torch.Tensor:
     "Channel-first attention through `scaled_dot_product_attention`, numerically equal to `attention_reference`."
     dtype = q.dtype
-    if dtype != torch.float32 and not (q.device.type == 'cuda' and dtype in (torch.float16, torch.bfloat16)):
+    if dtype in (torch.float16, torch.bfloat16) and q.device.type != 'cuda':  # CPU: half types in fp32; fp32/fp64 as they are
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous().to(dtype)  # contiguous: keep the block's memory layout (and dropout masks) as EDM's
