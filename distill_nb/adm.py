@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import register, store_init_kwargs
+from .core import UserError, check_file, register, store_init_kwargs, read_state_dict as _read_tensors
 
 # %% auto #0
 __all__ = ['ADM_MODEL_DEFAULTS', 'ADM_DIFFUSION_KEYS', 'CODEBASES', 'timestep_embedding', 'GroupNorm32', 'normalization',
            'zero_module', 'TimestepEmbedSequential', 'Upsample', 'Downsample', 'ResBlock', 'qkv_attention',
            'AttentionBlock', 'qkv_permutation', 'ADMUNet', 'adm_kwargs_from_flags', 'read_config_file', 'find_config',
-           'read_state_dict', 'convert_state_dict', 'load_adm', 'count_params']
+           'read_state_dict', 'convert_state_dict', 'adm_sizes', 'flags_from_weights', 'load_adm', 'count_params']
 
 # %% ../nbs/60_adm.ipynb #2a1f428f
 def timestep_embedding(t: torch.Tensor, # [B] timesteps (may be fractional)
@@ -239,7 +239,7 @@ def _ints(v, name, source, cast=int):
     if isinstance(v, (list, tuple)): return tuple(cast(u) for u in v)
     if isinstance(v, (int, float)): return (cast(v),)
     try: return tuple(cast(u) for u in str(v).split(',') if u.strip())
-    except ValueError: raise ValueError(f"{source}: flag {name}={v!r}: expected comma-separated numbers") from None
+    except ValueError: raise UserError(f"{source}: flag {name}={v!r}: expected comma-separated numbers") from None
 
 def adm_kwargs_from_flags(source: str = 'flags', # file name used in error messages
                           **flags) -> dict:
@@ -248,13 +248,13 @@ def adm_kwargs_from_flags(source: str = 'flags', # file name used in error messa
     size = int(f['image_size'])
     mult = f['channel_mult']
     if mult in ('', None, ()):
-        if size not in _DEFAULT_MULT: raise ValueError(f'{source}: no default channel_mult for image_size={size}; pass channel_mult')
+        if size not in _DEFAULT_MULT: raise UserError(f'{source}: no default channel_mult for image_size={size}; pass channel_mult')
         mult = _DEFAULT_MULT[size]
     else: mult = _ints(mult, 'channel_mult', source, float)
     mult = tuple(int(m) if float(m).is_integer() else m for m in mult)
     res = _ints(f['attention_resolutions'], 'attention_resolutions', source)
     for r in res:
-        if r <= 0 or size % r: raise ValueError(f'{source}: attention resolution {r} does not divide image_size {size}')
+        if r <= 0 or size % r: raise UserError(f'{source}: attention resolution {r} does not divide image_size {size}')
     cin = int(f['in_channels'])
     return dict(image_size=size, in_channels=cin, model_channels=int(f['num_channels']),
                 out_channels=2 * cin if _bool(f['learn_sigma']) else cin, num_res_blocks=int(f['num_res_blocks']),
@@ -268,7 +268,7 @@ def _bool(v):
     if isinstance(v, str):
         if v.lower() in ('true', '1', 'yes'): return True
         if v.lower() in ('false', '0', 'no', ''): return False
-        raise ValueError(f'expected a boolean, got {v!r}')
+        raise UserError(f'expected a boolean, got {v!r}')
     return bool(v)
 
 # %% ../nbs/60_adm.ipynb #7fea0c95
@@ -276,15 +276,18 @@ CODEBASES = ('guided_diffusion', 'consistency_models')
 
 def read_config_file(path: str | Path) -> dict:
     "Flags from a JSON (or, with PyYAML, YAML) config file."
-    path = Path(path)
+    path = check_file(path, 'config', 'a JSON (or YAML) file of guided-diffusion flags')
+    try: text = path.read_text()
+    except UnicodeDecodeError: raise UserError(f'{path}: not a text file; expected a JSON (or YAML) file of flags') from None
     if path.suffix in ('.yaml', '.yml'):
         try: import yaml
-        except ImportError: raise ValueError(f'{path}: reading YAML configs needs PyYAML; convert it to JSON') from None
-        cfg = yaml.safe_load(path.read_text())
+        except ImportError: raise UserError(f'{path}: reading YAML configs needs PyYAML; convert it to JSON') from None
+        try: cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e: raise UserError(f'{path}: invalid YAML ({" ".join(str(e).split())})') from None
     else:
-        try: cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e: raise ValueError(f'{path}: invalid JSON ({e})') from None
-    if not isinstance(cfg, dict): raise ValueError(f'{path}: expected a mapping of flags, got {type(cfg).__name__}')
+        try: cfg = json.loads(text)
+        except json.JSONDecodeError as e: raise UserError(f'{path}: invalid JSON ({e})') from None
+    if not isinstance(cfg, dict): raise UserError(f'{path}: expected a mapping of flags, got {type(cfg).__name__}')
     return cfg
 
 def find_config(path: str | Path) -> Path | None:
@@ -296,29 +299,53 @@ def find_config(path: str | Path) -> Path | None:
     return None
 
 def read_state_dict(path: str | Path) -> dict:
-    "Tensors of a plain state dict (`torch.load(weights_only=True)`) or a safetensors file."
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'{path}: checkpoint not found')
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
-        try: sd = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e: raise ValueError(f'{path}: not a plain state dict readable with weights_only=True ({e})') from None
-    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{path}: expected a dict of tensors (a plain state dict)')
+    "Tensors of a plain state dict (`torch.load(weights_only=True)`) or a safetensors file; errors name the file."
+    sd = _read_tensors(path, 'an ADM checkpoint (a plain state dict of tensors or a .safetensors file)', unwrap=('state_dict',))
     if sd and all(k.startswith('module.') for k in sd): sd = {k[7:]: v for k, v in sd.items()}
     return sd
 
-def convert_state_dict(sd: dict, model: ADMUNet, codebase: str = 'guided_diffusion') -> dict:
-    "Map a checkpoint of `codebase` onto `ADMUNet`'s names/shapes (reshape 2-D attention convs)."
-    if codebase not in CODEBASES: raise ValueError(f'codebase must be one of {CODEBASES}, got {codebase!r}')
-    own = model.state_dict(); out = {}
+def convert_state_dict(sd: dict, model: ADMUNet | None = None, codebase: str = 'guided_diffusion') -> dict:
+    "Map a checkpoint of `codebase` onto `ADMUNet`'s names/shapes (2-D attention 1×1 convs become 1-D)."
+    if codebase not in CODEBASES: raise UserError(f'codebase must be one of {CODEBASES}, got {codebase!r}')
+    own, out = (model.state_dict() if model is not None else {}), {}
     for k, v in sd.items():
-        if k in own and v.ndim == own[k].ndim + 1 and v.shape[-1] == 1 and v.shape[:-1] == own[k].shape: v = v[..., 0]
+        if model is not None: flat = k in own and v.ndim == own[k].ndim + 1 and v.shape[:-1] == own[k].shape
+        else: flat = k.rsplit('.', 2)[-2:-1] in (['qkv'], ['proj_out']) and v.ndim == 4
+        if flat and v.shape[-1] == 1: v = v[..., 0]
         out[k] = v
     return out
+
+def adm_sizes(shapes: dict) -> dict:
+    "guided-diffusion flags that a checkpoint's tensor shapes fix, as `{flag: (value, evidence)}`."
+    out, ev = {}, lambda k: f'{k} is {list(shapes[k])}'
+    first, te, last = 'input_blocks.0.0.weight', 'time_embed.0.weight', 'out.2.weight'
+    if len(shapes.get(first, ())) == 4: out['in_channels'] = (shapes[first][1], ev(first))
+    if len(shapes.get(te, ())) == 2: out['num_channels'] = (shapes[te][1], ev(te))
+    if 'in_channels' in out and len(shapes.get(last, ())) == 4:
+        cin, cout = out['in_channels'][0], shapes[last][0]
+        if cout in (cin, 2 * cin): out['learn_sigma'] = (cout == 2 * cin, f'{ev(last)}: {cout} output channels for {cin} input channels')
+    lab = 'label_emb.weight'
+    if lab in shapes: out['class_cond'], out['num_classes'] = (True, ev(lab)), (shapes[lab][0], ev(lab))
+    elif te in shapes: out['class_cond'] = (False, f'the file has no {lab}')
+    emb, conv = 'input_blocks.1.0.emb_layers.1.weight', 'input_blocks.1.0.in_layers.2.weight'
+    if emb in shapes and conv in shapes and shapes[emb][0] in (shapes[conv][0], 2 * shapes[conv][0]):
+        out['use_scale_shift_norm'] = (shapes[emb][0] == 2 * shapes[conv][0], f'{ev(emb)} for {shapes[conv][0]} channels')
+    return out
+
+_FLAG_TYPES = dict(in_channels=int, num_channels=int, num_classes=int, learn_sigma=_bool, class_cond=_bool, use_scale_shift_norm=_bool)
+
+def flags_from_weights(flags: dict, # the guided-diffusion flags the user gave (config file and keyword arguments)
+                       shapes: dict, # name -> shape of the checkpoint's tensors
+                       source: str) -> dict: # file name for messages
+    "`flags` completed with what the weights fix (number of classes, learn_sigma, channels, ...); a contradiction names both."
+    given = {}
+    for k, v in flags.items():
+        try: given[k] = _FLAG_TYPES[k](v) if k in _FLAG_TYPES and v is not None else v
+        except (TypeError, ValueError): raise UserError(f'{source}: flag {k}={v!r} is not a valid {_FLAG_TYPES[k].__name__.strip("_")}') from None
+    sizes = adm_sizes(shapes)
+    if given.get('class_cond') is False or sizes.get('class_cond', (None,))[0] is False: sizes.pop('num_classes', None)
+    from distill_nb.checkpoints import reconcile_sizes
+    return reconcile_sizes(given, sizes, source, 'the flags')
 
 def load_adm(path: str | Path, # checkpoint (.pt plain state dict or .safetensors)
              config: str | Path | None = None, # flags file; default: `<stem>.json/.yaml` beside the checkpoint
@@ -326,21 +353,23 @@ def load_adm(path: str | Path, # checkpoint (.pt plain state dict or .safetensor
              device: str | torch.device = 'cpu', # where to put the model
              strict: bool = True, # strict key/shape check
              **flags) -> ADMUNet: # guided-diffusion flags, override the file
-    "Build an `ADMUNet` from guided-diffusion flags and load an ADM/DDPM-IP/consistency-models checkpoint strictly."
+    "Build an `ADMUNet` from guided-diffusion flags and the sizes its weights fix, check it on the meta device, and load strictly."
+    from distill_nb.checkpoints import build_checked
+    if codebase not in CODEBASES: raise UserError(f'codebase must be one of {CODEBASES}, got {codebase!r}')
     path = Path(path)
     cfg_path = Path(config) if config is not None else find_config(path)
-    file_flags = read_config_file(cfg_path) if cfg_path is not None else {}
-    allf = {**file_flags, **flags}
+    allf = {**(read_config_file(cfg_path) if cfg_path is not None else {}), **flags}
+    sd = convert_state_dict(read_state_dict(path), None, codebase)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    allf = flags_from_weights(allf, shapes, str(path))
     model_flags = {k: v for k, v in allf.items() if k in ADM_MODEL_DEFAULTS}
     kw = adm_kwargs_from_flags(str(cfg_path or path), **model_flags)
     if codebase == 'consistency_models': kw['qkv_order'] = 'qkv'
-    elif codebase not in CODEBASES: raise ValueError(f'codebase must be one of {CODEBASES}, got {codebase!r}')
-    model = ADMUNet(**kw)
-    sd = convert_state_dict(read_state_dict(path), model, codebase)
+    model = build_checked(lambda: ADMUNet(**kw), shapes, str(path), f'the flags {model_flags}', strict=strict)
     try: model.load_state_dict(sd, strict=strict)
     except RuntimeError as e:
-        raise ValueError(f'{path}: weights do not match the flags {model_flags} (config {cfg_path}): {str(e)[:2000]}') from None
-    model.adm_flags = allf  # all flags incl. diffusion ones, for distill_nb.ddpm
+        raise UserError(f'{path}: weights do not match the flags {model_flags} (config {cfg_path}): {" ".join(str(e).split())[:2000]}') from None
+    model.adm_flags = allf  # all flags incl. diffusion ones and those read from the weights, for distill_nb.ddpm
     return model.to(device).eval()
 
 # %% ../nbs/60_adm.ipynb #cbc73f45

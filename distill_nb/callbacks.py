@@ -4,19 +4,20 @@
 
 # %% ../nbs/21_callbacks.ipynb #18c0d2b3
 from __future__ import annotations
-import copy, json, math, os, secrets, shutil, time
+import copy, json, math, os, secrets, shutil, time, warnings
 from pathlib import Path
 from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from .core import atomic_write, atomic_path, to_uint8, unwrap_model, rng_state, set_rng_state
-from .learner import Callback, Learner, list_checkpoints, save_module, load_module_state, batch_size_of
+from .core import atomic_write, atomic_path, to_uint8, unwrap_model, rng_state, set_rng_state, UserError
+from .learner import (Callback, Learner, list_checkpoints, save_module, load_module_state, batch_size_of, write_guard,
+                                clean_leftovers, set_aside_newer)
 
 # %% auto #0
-__all__ = ['ema_beta_halflife', 'ema_beta_warmup', 'EMA', 'ema_update', 'Checkpointer', 'Averager', 'MetricsLogger',
-           'read_metrics', 'plot_metrics', 'ProgressCB', 'image_grid', 'save_png', 'show_grid', 'SampleGrid',
-           'MetricCallback', 'WandbLogger']
+__all__ = ['ema_beta_halflife', 'ema_beta_warmup', 'EMA', 'ema_update', 'rotate_checkpoints', 'Checkpointer', 'Averager',
+           'MetricsLogger', 'read_metrics', 'plot_metrics', 'ProgressCB', 'image_grid', 'save_png', 'show_grid',
+           'SampleGrid', 'MetricCallback', 'WandbLogger']
 
 # %% ../nbs/21_callbacks.ipynb #73d93f3b
 def ema_beta_halflife(delta_nimg: float, # training images consumed by this update
@@ -103,6 +104,14 @@ def _ema_load_files(self, d: Path):
 EMA.load_state_dict, EMA.save_files, EMA.load_files = _ema_load_state_dict, _ema_save_files, _ema_load_files
 
 # %% ../nbs/21_callbacks.ipynb #8a4835c3
+def rotate_checkpoints(ckpt_dir: str | Path, # folder of `step-*` checkpoints
+                       keep: int): # newest checkpoints to keep (>= 1)
+    "Delete all but the newest `keep` complete checkpoints, each through a `.del-*` rename (a kill leaves a leftover, cleaned at the next start)."
+    cks = list_checkpoints(ckpt_dir)
+    for old in cks[:-max(int(keep), 1)]:
+        with write_guard(old, 'the checkpoint folder (deleting it in rotation)', ckpt_dir):
+            trash = old.parent/f'.del-{old.name}'; os.replace(old, trash); shutil.rmtree(trash)
+
 class Checkpointer(Callback):
     "Save a checkpoint every `every` iterations and at the end; keep the newest `max_keep`."
     order = 70
@@ -116,26 +125,24 @@ class Checkpointer(Callback):
         self.max_keep = 1 if delete_ckpts else max_keep
         if self.max_keep is not None and self.max_keep < 1: raise ValueError(f'Checkpointer: max_keep={max_keep}, expected >= 1 or None')
 
+    def run_outputs(self, learn) -> list[Path]:
+        "The checkpoint folder (cleared by `overwrite`, cleaned of leftovers at every start)."
+        if self.ckpt_dir is None and learn.run_dir is None: raise ValueError('Checkpointer: give ckpt_dir= or a Learner run_dir')
+        return [Path(self.ckpt_dir) if self.ckpt_dir is not None else learn.run_dir/'checkpoints']
+
     def before_fit(self, learn):
-        if self.ckpt_dir is None:
-            if learn.run_dir is None: raise ValueError('Checkpointer: give ckpt_dir= or a Learner run_dir')
-            self.ckpt_dir = learn.run_dir/'checkpoints'
-        self.ckpt_dir = Path(self.ckpt_dir); self.last_saved = None
+        self.ckpt_dir = self.run_outputs(learn)[0]; self.last_saved = None
+        if learn.is_main: clean_leftovers(self.ckpt_dir)
         if learn.resume_dir is not None and learn.is_main: self.set_aside_newer(learn.resume_dir)
 
     def set_aside_newer(self, resume_dir: Path):
         "Resuming from an older checkpoint abandons the newer ones: move them to `abandoned/` (out of rotation and of 'latest')."
-        k = int(Path(resume_dir).name.split('-')[1]) if Path(resume_dir).name.startswith('step-') else None
-        for p in list_checkpoints(self.ckpt_dir):
-            if k is not None and int(p.name.split('-')[1]) > k:
-                (self.ckpt_dir/'abandoned').mkdir(exist_ok=True); os.replace(p, self.ckpt_dir/'abandoned'/p.name)
+        set_aside_newer(self.ckpt_dir, resume_dir)
 
     def save(self, learn):
         "Save now and rotate."
         learn.save_checkpoint(self.ckpt_dir/f'step-{learn.step:08d}'); self.last_saved = learn.step
-        if learn.is_main and self.max_keep is not None:
-            for old in list_checkpoints(self.ckpt_dir)[:-self.max_keep]:
-                trash = old.parent/f'.del-{old.name}'; os.replace(old, trash); shutil.rmtree(trash)
+        if learn.is_main and self.max_keep is not None: rotate_checkpoints(self.ckpt_dir, self.max_keep)
 
     def after_step(self, learn):
         if learn.step % self.every == 0: self.save(learn)
@@ -165,6 +172,7 @@ class MetricsLogger(Callback):
                  fname: str = 'metrics.jsonl'): # file inside the run folder
         self.every, self.fname, self.avg = every, fname, Averager()
 
+    def run_outputs(self, learn) -> list[str]: return [self.fname]
     def before_fit(self, learn):
         if learn.run_dir is None: raise ValueError('MetricsLogger: the Learner needs a run_dir')
         self.learn, self.path, self.t0, self.t_last, self.s_last = learn, learn.run_dir/self.fname, time.time(), time.time(), learn.step
@@ -183,7 +191,8 @@ class MetricsLogger(Callback):
         if self.avg.sums: self.write(self.record(learn))
     def write(self, rec: dict):
         if not self.learn.is_main: return
-        with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
+        with write_guard(self.path, 'the metrics record', self.learn.run_dir/'checkpoints'):
+            with open(self.path, 'a') as f: f.write(json.dumps(rec) + '\n')
 
     def state_dict(self): return {'window': self.avg.state_dict()}
     def load_state_dict(self, sd):
@@ -191,14 +200,22 @@ class MetricsLogger(Callback):
         self.s_last = self.learn.step
         if 'window' in sd: self.avg.load_state_dict(sd['window'])
         if not self.learn.is_main or not self.path.exists(): return
-        keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= self.learn.step]
-        with atomic_write(self.path, 'w') as f: f.write(''.join(l + '\n' for l in keep))
+        keep = [json.dumps(r) for r in read_metrics(self.path) if r['step'] <= self.learn.step]
+        with write_guard(self.path, 'the metrics log', self.learn.run_dir/'checkpoints'):
+            with atomic_write(self.path, 'w') as f: f.write(''.join(l + '\n' for l in keep))
 
 def read_metrics(path: str | Path) -> list[dict]:
     "Records of a `metrics.jsonl` (a run folder or the file)."
     path = Path(path); path = path/'metrics.jsonl' if path.is_dir() else path
     if not path.exists(): raise FileNotFoundError(f'{path}: no metrics log (was a MetricsLogger attached?)')
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    text = path.read_text(errors='replace'); lines = text.splitlines(); recs = []
+    for i, l in enumerate(lines):
+        if not l.strip(): continue
+        try: recs.append(json.loads(l))
+        except json.JSONDecodeError as e:  # a kill during an append leaves a partial last line: dropped; anything else is an error
+            if i == len(lines) - 1 and not text.endswith('\n'): warnings.warn(f'{path}: dropped a partial last line (an interrupted write)'); continue
+            raise UserError(f'{path}:{i + 1}: corrupted record ({e.msg})') from e
+    return recs
 
 # %% ../nbs/21_callbacks.ipynb #18fb497a
 def plot_metrics(src, # run folder, metrics.jsonl, or list of records
@@ -293,6 +310,7 @@ class SampleGrid(Callback):
         if learn.run_dir is not None: save_png(grid, learn.run_dir/self.folder/f'step-{learn.step:08d}.png')
         return grid
 
+    def run_outputs(self, learn) -> list[str]: return [self.folder]
     def before_fit(self, learn):
         if self.at_start and learn.is_main and learn.resume_dir is None: self.draw(learn)
     def after_step(self, learn):
@@ -346,6 +364,7 @@ class WandbLogger(Callback):
         if self.mode not in (None, 'online', 'offline', 'disabled'): raise ValueError(f"WandbLogger: mode={mode!r}; expected 'online', 'offline' or 'disabled'")
 
     def before_fit(self, learn): self.learn = learn
+    def run_outputs(self, learn) -> list[str]: return ['wandb_id.txt', 'wandb']
     def state_dict(self): return {'run_id': self.run_id, 'window': self.avg.state_dict()}
     def load_state_dict(self, sd):
         self.run_id = sd.get('run_id') or self.run_id

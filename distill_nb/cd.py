@@ -4,7 +4,7 @@
 
 # %% ../nbs/40_cd.ipynb #03513cf0
 from __future__ import annotations
-import math
+import math, pickle
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import torch
@@ -15,14 +15,16 @@ from .schedules import karras_sigmas
 from .precond import ConsistencyPrecond, EDMPrecond
 from .checkpoints import save_network, load_network
 from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed,
-                                list_checkpoints)
+                                list_checkpoints, write_guard)
 from .callbacks import EMA, Checkpointer, MetricsLogger
-from .core import cli
+from .core import cli, UserError, check_positive, check_range, check_file
+from .data.lmdb_dataset import NO_LABEL
 
 # %% auto #0
-__all__ = ['consistency_from_teacher', 'teacher_ode_step', 'pseudo_huber_c', 'cd_distance', 'LPIPS',
+__all__ = ['CD_OUTPUT', 'consistency_from_teacher', 'teacher_ode_step', 'pseudo_huber_c', 'cd_distance', 'LPIPS',
            'ConsistencyDistillationLoss', 'AffineNet', 'ToyMLPNet', 'cd_learner', 'eval_network',
-           'save_consistency_model', 'CDConfig', 'train_cd', 'cd_train']
+           'save_consistency_model', 'CDConfig', 'check_choice', 'check_count', 'check_rate', 'check_sigmas',
+           'check_cd_config', 'check_cd_data', 'train_cd', 'cd_train']
 
 # %% ../nbs/40_cd.ipynb #e184c910
 def consistency_from_teacher(teacher: nn.Module, # EDM-preconditioned teacher (`EDMPrecond`, e.g. from `load_network`)
@@ -32,7 +34,7 @@ def consistency_from_teacher(teacher: nn.Module, # EDM-preconditioned teacher (`
     "A `ConsistencyPrecond` student with the EDM teacher's backbone, σ_d and c_noise (Song et al. 2023, CD initialisation)."
     t = unwrap_model(teacher)
     if type(t) is not EDMPrecond:
-        raise ValueError(f'consistency_from_teacher: expected an EDMPrecond teacher (c_noise = ln σ / 4), got {type(t).__name__}; '
+        raise UserError(f'consistency_from_teacher: expected an EDMPrecond teacher (c_noise = ln σ / 4), got {type(t).__name__}; '
                          'VP/VE/iDDPM teachers use a different noise conditioning')
     kw = dict(module_config(t)['init_kwargs'])
     kw.update(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=t.sigma_data, c_noise_scale=0.25)
@@ -51,7 +53,7 @@ def teacher_ode_step(teacher, # denoiser D(x, sigma, labels)
                      solver: str = 'heun', # 'heun' (2nd order) or 'euler'
                      **kwargs) -> torch.Tensor: # extra teacher arguments
     "One Heun/Euler step of the probability-flow ODE dx/dσ = (x − D(x;σ))/σ (Karras et al. 2022), float64."
-    if solver not in ('heun', 'euler'): raise ValueError(f"solver: expected 'heun' or 'euler', got {solver!r}")
+    if solver not in ('heun', 'euler'): raise UserError(f"--solver: expected 'heun' or 'euler', got {solver!r}")
     shape = (-1,) + (1,) * (x.ndim - 1)
     hi, lo = sigma_hi.to(torch.float64).reshape(shape), sigma_lo.to(torch.float64).reshape(shape)
     x = x.to(torch.float64)
@@ -80,11 +82,19 @@ def cd_distance(a: torch.Tensor, # student outputs [B, ...]
     if kind == 'lpips':
         if lpips is None: raise ValueError("cd_distance: kind='lpips' needs an LPIPS module (see `LPIPS`)")
         return lpips(a, b)
-    raise ValueError(f"--loss: expected 'l2', 'pseudo_huber' or 'lpips', got {kind!r}")
+    raise UserError(f"--loss: expected 'l2', 'pseudo_huber' or 'lpips', got {kind!r}")
 
 # %% ../nbs/40_cd.ipynb #6d9133e0
 _LPIPS_SHIFT, _LPIPS_SCALE = (-.030, -.088, -.188), (.458, .448, .450)
 _VGG_CUTS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
+
+def _load_state(path, expected: str) -> dict:
+    "A weights-only `torch.load` of a state dict; an unreadable or foreign file is a `UserError` naming it."
+    try: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise UserError(f'{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "truncated"}); expected {expected}') from e
+    if not isinstance(sd, dict): raise UserError(f'{path}: holds a {type(sd).__name__}, expected {expected}')
+    return sd
 
 class LPIPS(nn.Module):
     "LPIPS-VGG perceptual distance (Zhang et al. 2018) with weights from the local registry; per-sample [B]."
@@ -98,17 +108,16 @@ class LPIPS(nn.Module):
         vgg_path = resolve_weights('vgg16-torchvision', vgg_path, download=download, check=vgg_path is None)
         lin_path = resolve_weights('vgg16-lpips', lin_path, download=download, check=lin_path is None)
         feats = torchvision.models.vgg16(weights=None).features[:30]
-        sd = torch.load(vgg_path, map_location='cpu', weights_only=True)
+        sd, lin = _load_state(vgg_path, 'a torchvision VGG16 state dict'), _load_state(lin_path, 'the LPIPS heads (lin{k}.model.1.weight)')
         sd = {k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.') and int(k.split('.')[1]) < 30}
         try: feats.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise ValueError(f'{vgg_path}: not a torchvision VGG16 state dict: {e}') from None
+        except RuntimeError as e: raise UserError(f'{vgg_path}: not a torchvision VGG16 state dict: {str(e).splitlines()[0]}') from None
         self.slices = nn.ModuleList([feats[a:b] for a, b in zip((0,) + _VGG_CUTS[:-1], _VGG_CUTS)])
-        lin = torch.load(lin_path, map_location='cpu', weights_only=True)
         chans = (64, 128, 256, 512, 512)
         self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in chans])
         for i, l in enumerate(self.lins):
             k = f'lin{i}.model.1.weight'
-            if k not in lin or lin[k].shape != l.weight.shape: raise ValueError(f'{lin_path}: expected LPIPS head {k} of shape {tuple(l.weight.shape)}')
+            if k not in lin or lin[k].shape != l.weight.shape: raise UserError(f'{lin_path}: expected LPIPS head {k} of shape {tuple(l.weight.shape)}')
             l.weight.data.copy_(lin[k])
         self.register_buffer('shift', torch.tensor(_LPIPS_SHIFT).reshape(1, 3, 1, 1))
         self.register_buffer('scale', torch.tensor(_LPIPS_SCALE).reshape(1, 3, 1, 1))
@@ -151,9 +160,9 @@ class ConsistencyDistillationLoss:
                  weighting: str = 'uniform', # 'uniform' or 'ict' (λ = 1/(σ_i − σ_{i+k}))
                  lpips: nn.Module | None = None, # LPIPS module for distance='lpips'
                  huber_c: float | None = None): # pseudo-Huber constant (default 0.00054·√d)
-        if num_scales < 2: raise ValueError(f'--num_scales: need N >= 2 grid points, got {num_scales}')
-        if not 1 <= skip <= num_scales - 1: raise ValueError(f'--skip: expected 1 <= k <= N-1 = {num_scales - 1}, got {skip}')
-        if weighting not in ('uniform', 'ict'): raise ValueError(f"--weighting: expected 'uniform' or 'ict', got {weighting!r}")
+        if num_scales < 2: raise UserError(f'--num_scales: need N >= 2 grid points, got {num_scales}')
+        if not 1 <= skip <= num_scales - 1: raise UserError(f'--skip: expected 1 <= k <= N-1 = {num_scales - 1}, got {skip}')
+        if weighting not in ('uniform', 'ict'): raise UserError(f"--weighting: expected 'uniform' or 'ict', got {weighting!r}")
         if distance == 'lpips' and lpips is None: raise ValueError("--loss lpips needs an LPIPS module")
         cd_distance(torch.zeros(1, 1), torch.zeros(1, 1), distance, lpips=lpips) if distance != 'lpips' else None
         self.teacher, self.N, self.k, self.solver, self.distance = teacher, num_scales, skip, solver, distance
@@ -233,7 +242,7 @@ def cd_learner(student: nn.Module, # consistency student (e.g. `consistency_from
                cbs: list | None = None, # extra callbacks
                **learner_kwargs) -> Learner: # device, amp, compile, run_dir, config, ...
     "A Learner that trains `student` by consistency distillation with an EMA target (Song et al. 2023)."
-    if not 0 <= target_ema < 1: raise ValueError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
+    if not 0 <= target_ema < 1: raise UserError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
     params = list(student.parameters())
     opt = torch.optim.RAdam(params, lr=lr) if optimizer == 'radam' else make_optimizer(params, lr, kind=optimizer)
     rates = sorted({r for r in ([target_ema] if target_ema > 0 else []) + ([ema] if ema else [])})
@@ -276,8 +285,69 @@ class CDConfig:
     sample_sigmas: list = field(default_factory=lambda: [80.])
     ckpt_every: int = 1000; max_keep: int | None = 2; log_every: int = 50
     wandb_project: str | None = None; wandb_name: str | None = None
-    resume: bool = False; device: str | None = None; seed: int = 0; amp: str | None = 'auto'; compile: bool = False
-    toy_size: int = 2048
+    resume: bool = False; overwrite: bool = False; device: str | None = None; seed: int = 0; amp: str | None = 'auto'
+    compile: bool = False; toy_size: int = 2048
+
+def check_choice(flag: str, value, choices):
+    "`value` if it is one of `choices`, else a `UserError` naming `flag` and the choices."
+    if value not in choices: raise UserError(f'{flag}: expected one of {", ".join(map(str, choices))}, got {value!r}')
+    return value
+
+def check_count(flag: str, value, lo: int = 1) -> int:
+    "`value` if it is an integer >= `lo` (a count of iterations, samples, grid points, ...), else a `UserError`."
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise UserError(f'{flag}: expected an integer >= {lo}, got {value!r}')
+    return value
+
+def check_rate(flag: str, value, optional: bool = False):
+    "`value` if it is an EMA rate in [0, 1) (1 would never move; None allowed when `optional`), else a `UserError`."
+    if optional and value is None: return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f'{flag}: expected an EMA rate in [0, 1), got {value!r}')
+    return value
+
+def check_sigmas(flag: str, sigmas, sigma_min: float, sigma_max: float) -> list[float]:
+    "Sampling noise levels: non-empty, strictly decreasing, inside (σ_min, σ_max]; else a `UserError` naming `flag`."
+    s = [float(v) for v in sigmas]
+    if not s or any(a <= b for a, b in zip(s, s[1:])) or s[-1] <= sigma_min or s[0] > sigma_max:
+        raise UserError(f'{flag}: expected strictly decreasing noise levels in ({sigma_min}, {sigma_max}], e.g. 80,0.8; got {s}')
+    return s
+
+def check_cd_config(cfg: CDConfig) -> CDConfig:
+    "Flag checks of a CD run, named as on the command line: a `UserError` before anything is loaded or written."
+    if not cfg.teacher_model_path: raise UserError('--teacher_model_path is required: the EDM teacher to distil')
+    for f in ('batch_size', 'train_iters', 'ckpt_every', 'log_every', 'toy_size', 'lpips_resize'): check_count(f'--{f}', getattr(cfg, f))
+    if cfg.max_keep is not None: check_count('--max_keep', cfg.max_keep)
+    check_count('--num_scales', cfg.num_scales, 2)
+    if not isinstance(cfg.skip, int) or not 1 <= cfg.skip <= cfg.num_scales - 1:
+        raise UserError(f'--skip: expected 1 <= k <= num_scales - 1 = {cfg.num_scales - 1}, got {cfg.skip!r}')
+    for f in ('lr', 'sigma_min', 'sigma_max', 'rho'): check_positive(f'--{f}', getattr(cfg, f))
+    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
+    if cfg.clip is not None: check_positive('--clip', cfg.clip)
+    check_rate('--target_ema', cfg.target_ema); check_rate('--ema', cfg.ema, optional=True)
+    check_choice('--optimizer', cfg.optimizer, ('radam', 'adam', 'adamw')); check_choice('--solver', cfg.solver, ('heun', 'euler'))
+    check_choice('--loss', cfg.loss, ('l2', 'pseudo_huber', 'lpips')); check_choice('--weighting', cfg.weighting, ('uniform', 'ict'))
+    check_choice('--amp', cfg.amp, ('auto', 'bf16', 'none', None))
+    check_sigmas('--sample_sigmas', cfg.sample_sigmas, cfg.sigma_min, cfg.sigma_max)
+    if cfg.data != 'toy' and not Path(cfg.data).exists():
+        raise UserError(f'--data {cfg.data}: no such dataset (LMDB folder, image folder/zip, or "toy")')
+    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
+    return cfg
+
+def check_cd_data(ds, teacher, data: str, teacher_path: str):
+    "The dataset fits the teacher: same image shape; labels for a class-conditional teacher, within its classes."
+    want = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    shape = tuple(getattr(ds, 'image_shape', None) or ds[0][0].shape)
+    if shape != want:
+        raise UserError(f'--data {data}: images are {"x".join(map(str, shape))}, but the teacher {teacher_path} '
+                        f'makes {"x".join(map(str, want))} images')
+    ld = int(getattr(teacher, 'label_dim', 0) or 0)
+    if not ld: return
+    dl = int(getattr(ds, 'label_dim', 0) or 0)
+    if dl == 0: raise UserError(f'--data {data}: has no class labels, but the teacher {teacher_path} is class-conditional (label_dim {ld})')
+    if dl > ld: raise UserError(f'--data {data}: labels span {dl} classes, but the teacher {teacher_path} has label_dim {ld}')
+    if hasattr(ds, 'labels') and (n := int((torch.as_tensor(ds.labels()) == NO_LABEL).sum())):
+        raise UserError(f'--data {data}: {n} images have no class label, but the teacher {teacher_path} is class-conditional')
 
 def _open_data(cfg: CDConfig, teacher):
     if cfg.data == 'toy':
@@ -285,7 +355,6 @@ def _open_data(cfg: CDConfig, teacher):
         return ToyShapes(cfg.toy_size, teacher.img_resolution, n_classes=max(1, min(int(teacher.label_dim or 4), 8)),
                          seed=cfg.seed, channels=teacher.img_channels)
     from distill_nb.data.cli import open_dataset
-    if not Path(cfg.data).exists(): raise FileNotFoundError(f'--data {cfg.data}: no such dataset (LMDB folder, image folder/zip, or "toy")')
     return open_dataset(cfg.data)
 
 class _WandbCB(Callback):
@@ -294,18 +363,17 @@ class _WandbCB(Callback):
     def after_step(self, learn):
         if learn.step % 10 == 0: self.run.log({k: float(v) for k, v in learn.logs.items()}, step=learn.step)
 
+CD_OUTPUT = 'consistency_model.safetensors'
+
 def train_cd(cfg: CDConfig, log_fn=print) -> Learner:
     "Run consistency distillation from a config (the plain, tested function behind `cd_train`)."
-    if not cfg.teacher_model_path: raise ValueError('--teacher_model_path is required: the EDM teacher to distil')
+    check_cd_config(cfg)
     info = init_distributed(cfg.device)
     seed_everything(cfg.seed + info.rank)
     teacher = load_network(cfg.teacher_model_path, info.device)
     student = consistency_from_teacher(teacher, cfg.sigma_min, cfg.sigma_max)
     ds = _open_data(cfg, teacher)
-    x0 = ds[0][0]
-    if tuple(x0.shape) != (teacher.img_channels, teacher.img_resolution, teacher.img_resolution):
-        raise ValueError(f'--data {cfg.data}: images are {tuple(x0.shape)}, the teacher {cfg.teacher_model_path} expects '
-                         f'{(teacher.img_channels, teacher.img_resolution, teacher.img_resolution)}')
+    check_cd_data(ds, teacher, cfg.data, cfg.teacher_model_path)
     lp = LPIPS(cfg.lpips_vgg_path, cfg.lpips_lin_path, cfg.lpips_resize).to(info.device) if cfg.loss == 'lpips' else None
     lossfn = ConsistencyDistillationLoss(teacher, cfg.num_scales, cfg.skip, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max,
                                          cfg.rho, cfg.weighting, lpips=lp)
@@ -318,15 +386,20 @@ def train_cd(cfg: CDConfig, log_fn=print) -> Learner:
     amp = cfg.amp if cfg.amp in ('auto', 'bf16') else None
     learn = cd_learner(student, teacher, ResumableLoader(ds, cfg.batch_size, seed=cfg.seed), lossfn, cfg.lr, cfg.target_ema,
                        cfg.ema, cfg.optimizer, cfg.clip, cbs, device=info.device, amp=amp, compile=cfg.compile,
-                       run_dir=run_dir, config=asdict(cfg))
-    resume = 'latest' if cfg.resume and list_checkpoints(run_dir / 'checkpoints') else None
-    if resume: log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
-    learn.fit(cfg.train_iters, resume=resume)
+                       run_dir=run_dir, config=asdict(cfg), overwrite=cfg.overwrite, outputs=[CD_OUTPUT])
+    if cfg.resume and list_checkpoints(run_dir / 'checkpoints'): log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
+    learn.fit(cfg.train_iters, resume='auto' if cfg.resume else None)
     if info.is_main:
-        out = save_consistency_model(eval_network(learn), run_dir / 'consistency_model.safetensors', cfg.sample_sigmas, asdict(cfg))
+        with write_guard(run_dir / CD_OUTPUT, 'the consistency model', run_dir / 'checkpoints'):
+            out = save_consistency_model(eval_network(learn), run_dir / CD_OUTPUT, cfg.sample_sigmas, asdict(cfg))
         log_fn(f'consistency model written to {out}')
     if run is not None: run.finish()
     return learn
+
+def _floats(flag: str, text: str) -> list[float]:
+    "A comma-separated list of numbers from the command line."
+    try: return [float(s) for s in str(text).split(',') if s.strip()]
+    except ValueError: raise UserError(f'{flag}: expected comma-separated numbers, e.g. 80,0.8; got {text!r}') from None
 
 @cli
 def cd_train(teacher_model_path: str = None, # EDM teacher: EDM *.pkl, distill_nb *.safetensors or builtin:tiny-edm
@@ -352,6 +425,7 @@ def cd_train(teacher_model_path: str = None, # EDM teacher: EDM *.pkl, distill_n
              max_keep: int = 2, # checkpoints kept
              wandb_project: str = None, # log to this W&B project
              resume: bool = False, # resume from the newest checkpoint in output_path
+             overwrite: bool = False, # replace a previous run in output_path (its checkpoints, metrics, consistency model)
              device: str = None, # cpu | cuda (default: CUDA if available)
              seed: int = 0, # random seed
              amp: str = 'auto', # auto (bf16 on CUDA) | bf16 | none
@@ -361,6 +435,7 @@ def cd_train(teacher_model_path: str = None, # EDM teacher: EDM *.pkl, distill_n
                    optimizer=optimizer, train_iters=train_iters, num_scales=num_scales, skip=skip, solver=solver, loss=loss,
                    weighting=weighting, target_ema=target_ema, ema=ema or None, clip=clip, sigma_min=sigma_min,
                    sigma_max=sigma_max, rho=rho, lpips_vgg_path=lpips_vgg_path, lpips_lin_path=lpips_lin_path,
-                   sample_sigmas=[float(s) for s in str(sample_sigmas).split(',') if s.strip()], ckpt_every=ckpt_every,
-                   max_keep=max_keep, wandb_project=wandb_project, resume=resume, device=device, seed=seed, amp=amp, compile=compile)
+                   sample_sigmas=_floats('--sample_sigmas', sample_sigmas), ckpt_every=ckpt_every,
+                   max_keep=max_keep, wandb_project=wandb_project, resume=resume, overwrite=overwrite, device=device, seed=seed,
+                   amp=amp, compile=compile)
     train_cd(cfg)

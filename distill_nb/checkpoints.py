@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_checkpoints.ipynb #6f280407
 from __future__ import annotations
-import _compat_pickle, collections, glob, hashlib, importlib, io, json, os, pickle, re, struct, tempfile, time, uuid
+import _compat_pickle, collections, contextlib, glob, hashlib, importlib, io, json, math, os, pickle, re, struct, sys, tempfile, time, uuid, zipfile
 import urllib.error, urllib.parse, urllib.request
 from pathlib import Path
 import numpy as np
@@ -12,14 +12,16 @@ import torch
 from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_model as _st_save_model, load_model as _st_load_model
-from .core import REGISTRY, atomic_path, build_from_config, config_hash, module_config, sha256_file, to_jsonable, unwrap_model
+from .core import (REGISTRY, UserError, atomic_path, check_file, config_hash, from_jsonable, module_config, sha256_file,
+                             to_jsonable, unwrap_model)
 
 # %% auto #0
 __all__ = ['EDM_PRECONDS', 'EDM_BACKBONES', 'EDM_LAYERS', 'EDM_INERT', 'EDM_CLASSES', 'PERSISTENCE_VERSION', 'NETWORK_FORMAT',
            'NETWORK_FORMAT_VERSION', 'BUILTIN_NETWORKS', 'CheckpointError', 'EDMRecord', 'EDMUnpickler',
-           'read_edm_pickle', 'edm_state_dict', 'module_from_record', 'load_edm_pickle', 'network_meta', 'save_network',
-           'read_network_meta', 'load_safetensors_network', 'dnnlib_cache_dir', 'cached_url_path', 'download_url',
-           'tiny_edm', 'load_network', 'convert_edm_pickle', 'write_edm_pickle']
+           'read_edm_pickle', 'edm_state_dict', 'check_shapes', 'build_checked', 'edm_sizes', 'reconcile_sizes',
+           'module_from_record', 'load_edm_pickle', 'network_meta', 'save_network', 'read_network_meta',
+           'load_safetensors_network', 'dnnlib_cache_dir', 'cached_url_path', 'download_url', 'tiny_edm',
+           'load_network', 'convert_edm_pickle', 'write_edm_pickle']
 
 # %% ../nbs/05_checkpoints.ipynb #d821c52a
 EDM_PRECONDS = ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond')
@@ -29,8 +31,8 @@ EDM_INERT = ('EDMLoss', 'VPLoss', 'VELoss', 'AugmentPipe')
 EDM_CLASSES = EDM_PRECONDS + EDM_BACKBONES + EDM_LAYERS + EDM_INERT
 PERSISTENCE_VERSION = 6  # `torch_utils.persistence._version` in every EDM release
 
-class CheckpointError(ValueError):
-    "A checkpoint file that cannot be opened; the message names the file and what was expected."
+class CheckpointError(UserError):
+    "A checkpoint file that cannot be opened; the message names the file and what was expected (a `core.UserError`)."
 
 class EDMRecord:
     "Inert stand-in for one persistent object of an EDM pickle (Karras et al. 2022): class name, constructor arguments, state."
@@ -127,15 +129,32 @@ class EDMUnpickler(pickle.Unpickler):
 
 # %% ../nbs/05_checkpoints.ipynb #db729f87
 def _sniff(path: Path) -> str:
-    "'pickle', 'safetensors', 'zip' or 'unknown' from the first bytes of `path`."
+    "'pickle', 'safetensors', 'truncated safetensors', 'zip' or a short description of other content, from the first bytes."
     with open(path, 'rb') as f: head = f.read(16)
     # safetensors first: its 8-byte header length can begin with the bytes of a pickle protocol marker (0x80, 2..5)
-    if len(head) >= 9:
+    if len(head) >= 9 and head[8:9] == b'{':
         n = struct.unpack('<Q', head[:8])[0]
-        if head[8:9] == b'{' and 0 < n < min(100_000_000, path.stat().st_size): return 'safetensors'
+        if 0 < n < 100_000_000: return 'safetensors' if n < path.stat().st_size - 8 else 'truncated safetensors'
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5: return 'pickle'
     if head[:4] == b'PK\x03\x04': return 'zip'
-    return 'unknown'
+    if head[:8] == b'\x89PNG\r\n\x1a\n': return 'a PNG image'
+    if head[:3] == b'\xff\xd8\xff': return 'a JPEG image'
+    if head[:2] == b'\x1f\x8b': return 'gzip data'
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head): return 'text'
+    return 'unknown data'
+
+def _zip_kind(path: Path) -> str:
+    "What a zip file is: a `torch.save` archive (it holds `*/data.pkl`) or some other archive."
+    try:
+        with zipfile.ZipFile(path) as z: names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e: return f'a damaged or truncated zip archive ({e})'
+    if any(n.endswith('/data.pkl') or n == 'data.pkl' for n in names):
+        return 'a torch.save archive (e.g. training-state-*.pt or a plain state dict)'
+    return f'a zip archive of {len(names)} files ({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}), not a network checkpoint'
+
+def _network_file(path, expected: str = 'an EDM network pickle (*.pkl) or a distill_nb *.safetensors') -> Path:
+    "`Path(path)` if it is an existing, readable, non-empty file, else a `CheckpointError` naming it and what was expected."
+    return check_file(path, None, expected, CheckpointError)
 
 def _check_sha256(path: Path, sha256: str | None, what: str = ''):
     if sha256 is None: return
@@ -143,37 +162,161 @@ def _check_sha256(path: Path, sha256: str | None, what: str = ''):
     if got.lower() != sha256.lower():
         raise CheckpointError(f'{path}: sha256 {got} does not match the expected {sha256}{what}')
 
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {s[0] if s else ""}'
+
 def read_edm_pickle(path: str | Path, # an EDM `*.pkl` (edm-*, baseline-*, network-snapshot-*)
                     sha256: str | None = None, # optional expected sha256 of the file
                    ):
     "Unpickle an EDM persistence pickle into inert `EDMRecord`s without executing anything from it."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'{path}: no such file')
+    path = _network_file(path, 'an EDM network pickle (*.pkl)')
     _check_sha256(path, sha256)
     kind = _sniff(path)
-    if kind == 'zip': raise CheckpointError(f'{path}: this is a torch.save archive (e.g. training-state-*.pt), expected an EDM network pickle (*.pkl)')
-    if kind != 'pickle': raise CheckpointError(f'{path}: not a pickle (found {kind} data), expected an EDM network pickle (*.pkl)')
+    if kind == 'zip': raise CheckpointError(f'{path}: {_zip_kind(path)}; expected an EDM network pickle (*.pkl)')
+    if kind != 'pickle': raise CheckpointError(f'{path}: not a pickle (found {kind}), expected an EDM network pickle (*.pkl)')
     try:
         with open(path, 'rb') as f: return EDMUnpickler(f).load()
     except CheckpointError: raise
-    except Exception as e:
-        msg = 'file is truncated' if isinstance(e, EOFError) else f'{type(e).__name__}: {e}'
+    except Exception as e:  # every way a damaged stream can fail (EOFError, UnpicklingError, torch's zip reader, ...)
+        msg = 'the file is truncated' if isinstance(e, EOFError) or 'truncated' in str(e) else f'damaged file ({_first_line(e)})'
         raise CheckpointError(f'{path}: cannot read as an EDM network pickle: {msg}') from e
 
 # %% ../nbs/05_checkpoints.ipynb #43dc04ee
-def edm_state_dict(rec, prefix: str = '') -> dict[str, torch.Tensor]:
-    "Flat `state_dict` of an `EDMRecord` tree, keyed like `nn.Module.state_dict()`."
+def edm_state_dict(rec, prefix: str = '', source: str = 'EDM pickle') -> dict[str, torch.Tensor]:
+    "Flat `state_dict` of an `EDMRecord` tree, keyed like `nn.Module.state_dict()`; anything but tensors is refused."
     st, out = rec.state, {}
+    def put(k, v):
+        if not isinstance(v, torch.Tensor): raise CheckpointError(f'{source}: {prefix + k} is a {type(v).__name__}, expected a tensor')
+        out[prefix + k] = v.detach()
     for k, v in (st.get('_parameters') or {}).items():
-        if v is not None: out[prefix + k] = v.detach() if isinstance(v, torch.Tensor) else v
+        if v is not None: put(k, v)
     skip = set(st.get('_non_persistent_buffers_set') or ())
     for k, v in (st.get('_buffers') or {}).items():
-        if v is not None and k not in skip: out[prefix + k] = v
+        if v is not None and k not in skip: put(k, v)
     for k, child in (st.get('_modules') or {}).items():
         if child is None: continue
         if not isinstance(child, (EDMRecord, _ContainerRecord)):
-            raise CheckpointError(f'submodule {prefix + k} is a {type(child).__name__}, expected an EDM layer')
-        out.update(edm_state_dict(child, f'{prefix}{k}.'))
+            raise CheckpointError(f'{source}: submodule {prefix + k} is a {type(child).__name__}, expected an EDM layer')
+        out.update(edm_state_dict(child, f'{prefix}{k}.', source))
+    return out
+
+# %% ../nbs/05_checkpoints.ipynb #c3327530
+class _OverBudget(Exception): pass
+
+@contextlib.contextmanager
+def _construction_budget(max_modules: int, # most submodules construction may register
+                         max_numel: float = math.inf): # most parameter/buffer values it may register
+    "Abort a network's construction once it registers more layers or values than the file can account for."
+    n = {'modules': 0, 'numel': 0}
+    def on_module(module, name, sub):
+        n['modules'] += 1
+        if n['modules'] > max_modules: raise _OverBudget(f'more than {max_modules:,} layers')
+    def on_tensor(module, name, t):
+        n['numel'] += t.numel() if isinstance(t, torch.Tensor) else 0
+        if n['numel'] > max_numel: raise _OverBudget(f'more than {max_numel:,} values')
+    hooks = [nn.modules.module.register_module_module_registration_hook(on_module),
+             nn.modules.module.register_module_parameter_registration_hook(on_tensor),
+             nn.modules.module.register_module_buffer_registration_hook(on_tensor)]
+    try: yield
+    finally:
+        for h in hooks: h.remove()
+
+def check_shapes(own: dict, # name -> shape that the config implies (from a meta-device model)
+                 file: dict, # name -> shape of the file's tensor
+                 source: str, # file name for messages
+                 what: str = 'its config', # what produced `own`, for messages
+                 strict: bool = True): # missing and unexpected names are errors too
+    "Compare every tensor shape a config implies with the file's; the `CheckpointError` names both (and both sizes)."
+    missing, unexpected = [k for k in own if k not in file], [k for k in file if k not in own]
+    bad = [k for k in own if k in file and tuple(own[k]) != tuple(file[k])]
+    if not bad and not (strict and (missing or unexpected)): return
+    n_own, n_file = sum(math.prod(s) for s in own.values()), sum(math.prod(s) for s in file.values())
+    parts = [f'{k} should be {list(own[k])}, the file has {list(file[k])}' for k in bad[:3]]
+    if strict and missing: parts.append(f'{len(missing)} tensors missing from the file (e.g. {missing[:3]})')
+    if strict and unexpected: parts.append(f'{len(unexpected)} unexpected tensors in the file (e.g. {unexpected[:3]})')
+    raise CheckpointError(f'{source}: {what} does not match the file: it describes {n_own:,} values in {len(own)} tensors, the file holds '
+                          f'{n_file:,} values in {len(file)} tensors; ' + '; '.join(parts))
+
+def _forget_meta_caches():
+    "A meta-device build may have filled our functools caches with meta tensors (e.g. iDDPM's σ grid): forget them."
+    for name, mod in list(sys.modules.items()):
+        if name.startswith('distill_nb') and mod is not None:
+            for v in list(vars(mod).values()):
+                if callable(getattr(v, 'cache_clear', None)) and getattr(v, '__module__', None) == name: v.cache_clear()
+
+def _meta_unsupported(e: BaseException) -> bool:
+    return isinstance(e, NotImplementedError) or 'meta' in str(e).lower()
+
+def build_checked(build, # no-argument callable that constructs the network (on the current default device)
+                  shapes: dict, # name -> shape of every tensor in the file
+                  source: str, # file name for messages
+                  what: str = 'its config', # where the constructor arguments come from, for messages
+                  strict: bool = True, # missing/unexpected tensors are errors too
+                  meta_only: bool = False) -> nn.Module | None: # only check (on the meta device), return None
+    "Construct on the meta device, compare every shape with the file, and only then build for real (randomly initialised)."
+    max_modules, file_numel = 8 * len(shapes) + 256, sum(math.prod(s) for s in shapes.values())
+    meta = None
+    try:
+        with _construction_budget(max_modules), torch.device('meta'): meta = build()
+    except _OverBudget as e:
+        raise CheckpointError(f'{source}: {what} asks for {e}, but the file holds only {len(shapes)} tensors') from None
+    except CheckpointError: raise
+    except Exception as e:
+        if not _meta_unsupported(e): raise CheckpointError(f'{source}: {what} cannot be built: {_first_line(e)}') from None
+    finally: _forget_meta_caches()
+    if meta is not None:
+        check_shapes({k: tuple(v.shape) for k, v in meta.state_dict().items()}, shapes, source, what, strict)
+        del meta
+        if meta_only: return None
+    try:  # bounded even when the meta build was not possible: registering more than the file holds stops construction
+        with _construction_budget(max_modules, 2 * file_numel + 100_000): net = build()
+    except _OverBudget as e:
+        raise CheckpointError(f'{source}: {what} asks for {e}, but the file holds {file_numel:,} values') from None
+    except CheckpointError: raise
+    except Exception as e: raise CheckpointError(f'{source}: {what} cannot be built: {_first_line(e)}') from None
+    check_shapes({k: tuple(v.shape) for k, v in net.state_dict().items()}, shapes, source, what, strict)
+    return net
+
+# %% ../nbs/05_checkpoints.ipynb #976e7f5b
+def _default(cls_name: str, arg: str):
+    "Default value of constructor argument `arg` of the registered class `cls_name` (None when absent)."
+    import inspect
+    p = inspect.signature(REGISTRY[cls_name].__init__).parameters.get(arg) if cls_name in REGISTRY else None
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+def edm_sizes(shapes: dict, # name -> shape of the file's tensors
+              class_name: str, # the network's class, e.g. 'EDMPrecond' or 'SongUNet'
+              kwargs: dict | None = None) -> dict: # its recorded arguments (for the backbone type and channel_mult)
+    "Sizes that the tensors of an EDM-style network fix, as `{argument: (value, evidence)}` (empty if not EDM-shaped)."
+    kwargs, out = kwargs or {}, {}
+    backbone = class_name in EDM_BACKBONES
+    pre = '' if backbone else 'model.'
+    mt = class_name if backbone else kwargs.get('model_type', _default(class_name, 'model_type'))
+    conv = [(k, m) for k in shapes if (m := re.fullmatch(re.escape(pre) + r'enc\.(\d+)x\1_conv\.weight', k))]
+    if len(conv) != 1 or len(shapes[conv[0][0]]) != 4 or mt not in EDM_BACKBONES: return out
+    (k, m), = conv
+    cout, cin = shapes[k][:2]
+    out['img_resolution'] = (int(m[1]), f'its first layer is {k}')
+    out['in_channels' if backbone else 'img_channels'] = (cin, f'{k} is {list(shapes[k])}')
+    m0 = pre + 'map_layer0.weight'  # DhariwalUNet: Linear(model_channels, emb); SongUNet's first conv has model_channels outputs
+    if mt == 'SongUNet': out['model_channels'] = (cout, f'{k} is {list(shapes[k])}')
+    elif m0 in shapes and len(shapes[m0]) == 2: out['model_channels'] = (shapes[m0][1], f'{m0} is {list(shapes[m0])}')
+    lab = pre + 'map_label.weight'
+    out['label_dim'] = (shapes[lab][1], f'{lab} is {list(shapes[lab])}') if lab in shapes else (0, f'the file has no {lab}')
+    if class_name == 'iDDPMPrecond' and 'u' in shapes and len(shapes['u']) == 1: out['M'] = (shapes['u'][0] - 1, f'u is {list(shapes["u"])}')
+    return out
+
+def reconcile_sizes(kwargs: dict, # constructor arguments from the config or flags
+                    sizes: dict, # `{argument: (value, evidence)}` that the weights fix
+                    source: str, # file name for messages
+                    what: str = 'its config') -> dict: # where `kwargs` come from, for messages
+    "`kwargs` completed with the sizes the weights fix; a value that contradicts the weights is an error naming both."
+    out = dict(kwargs)
+    for k, (v, why) in sizes.items():
+        if out.get(k) is None: out[k] = v
+        elif not isinstance(out[k], (int, float)) or out[k] != v:
+            raise CheckpointError(f'{source}: does not match {what}: {k}={out[k]!r} in {what}, but the weights say {k}={v!r} ({why})')
     return out
 
 # %% ../nbs/05_checkpoints.ipynb #897d1d0c
@@ -193,7 +336,7 @@ def _to_plain(o):
 def module_from_record(rec: EDMRecord, # the record of a preconditioner (or backbone)
                        source: str = 'EDM pickle', # file name used in error messages
                       ) -> nn.Module:
-    "Build our registered class named like `rec` from its recorded arguments and load its tensors (strict)."
+    "Build our registered class named like `rec` from its recorded arguments (checked against its tensors first) and load them."
     _ensure_registry()
     if not isinstance(rec, EDMRecord): raise CheckpointError(f'{source}: expected a persistent EDM network, got {type(rec).__name__}')
     if rec.class_name in EDM_INERT or rec.class_name in EDM_LAYERS:
@@ -202,14 +345,14 @@ def module_from_record(rec: EDMRecord, # the record of a preconditioner (or back
         raise CheckpointError(f'{source}: class {rec.class_name} is not registered in distill_nb (have {sorted(REGISTRY)})')
     if not rec.has_init_args:
         raise CheckpointError(f'{source}: {rec.class_name} has no recorded constructor arguments (_init_kwargs), cannot rebuild it')
-    args, kwargs = _to_plain(rec.init_args), _to_plain(rec.init_kwargs)
-    try: net = REGISTRY[rec.class_name](*args, **kwargs)
-    except TypeError as e:
-        raise CheckpointError(f'{source}: our {rec.class_name} does not accept the recorded arguments {kwargs}: {e}') from e
-    sd = edm_state_dict(rec)
+    sd = edm_state_dict(rec, source=source)
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    args, what = _to_plain(rec.init_args), f'its recorded {rec.class_name} arguments'
+    kwargs = reconcile_sizes(_to_plain(rec.init_kwargs), edm_sizes(shapes, rec.class_name, rec.init_kwargs), source, what)
+    net = build_checked(lambda: REGISTRY[rec.class_name](*args, **kwargs), shapes, source, what)
     try: net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f'{source}: tensors do not match our {rec.class_name}: {e}') from e
+        raise CheckpointError(f'{source}: tensors do not match our {rec.class_name}: {_first_line(e)}') from e
     return net
 
 # %% ../nbs/05_checkpoints.ipynb #a2c230fa
@@ -265,36 +408,50 @@ def save_network(net: nn.Module, # a registered network/denoiser (DDP/compile wr
         _st_save_model(unwrap_model(net), str(tmp), metadata={'format': NETWORK_FORMAT, 'distill_nb': json.dumps(m)})
     return path
 
+def _safetensors_header(path: Path) -> tuple[dict, dict]:
+    "(metadata, {name: shape}) of a safetensors file, read from its header without loading any tensor."
+    path = _network_file(path, 'a distill_nb *.safetensors')
+    try:
+        with safe_open(str(path), 'pt') as f: return (f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on damaged or truncated files
+        raise CheckpointError(f'{path}: cannot read as a safetensors file (damaged or truncated?): {_first_line(e)}') from e
+
 def read_network_meta(path: str | Path) -> dict:
     "The JSON header of a file written by `save_network`."
     path = Path(path)
-    try:
-        with safe_open(str(path), 'pt') as f: md = f.metadata() or {}
-    except Exception as e: raise CheckpointError(f'{path}: cannot read as a safetensors file: {e}') from e
+    md, _ = _safetensors_header(path)
     if md.get('format') != NETWORK_FORMAT or 'distill_nb' not in md:
         raise CheckpointError(f"{path}: safetensors file without a distill_nb header (format={md.get('format')!r}), expected one written by save_network")
-    m = json.loads(md['distill_nb'])
-    if m.get('version', 0) > NETWORK_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {m.get('version')} is newer than this distill_nb ({NETWORK_FORMAT_VERSION}); upgrade distill_nb")
+    try: m = json.loads(md['distill_nb'])
+    except json.JSONDecodeError as e: raise CheckpointError(f'{path}: its distill_nb header is not valid JSON ({e})') from None
+    if not isinstance(m, dict): raise CheckpointError(f'{path}: its distill_nb header is a JSON {type(m).__name__}, expected an object')
+    if not isinstance(m.get('version', 0), int) or m.get('version', 0) > NETWORK_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {m.get('version')!r} is newer than this distill_nb ({NETWORK_FORMAT_VERSION}); upgrade distill_nb")
+    cfg = m.get('config')
+    if not isinstance(cfg, dict) or not isinstance(cfg.get('class_name'), str) or not isinstance(cfg.get('init_kwargs', {}), dict):
+        raise CheckpointError(f"{path}: its distill_nb header has no valid config (expected {{'class_name': str, 'init_kwargs': {{...}}}})")
     return m
 
 def _nonfinite(o):
     "Undo `core.to_jsonable`'s encoding of inf/nan as strings (JSON has no such numbers)."
-    if isinstance(o, dict): return {k: _nonfinite(v) for k, v in o.items()}
-    if isinstance(o, list): return [_nonfinite(v) for v in o]
-    return float(o) if o in ('inf', '-inf', 'nan') else o
+    return from_jsonable(o)
 
 def load_safetensors_network(path: str | Path, device: str | torch.device = 'cpu') -> nn.Module:
-    "Rebuild a network saved by `save_network` from its config and load its tensors (strict)."
+    "Rebuild a network saved by `save_network` from its config (checked against the tensors before allocating) and load it."
     _ensure_registry()
     path = Path(path)
     m = read_network_meta(path)
-    mod = m.get('class_module', '')
-    if m['config'].get('class_name') not in REGISTRY and re.fullmatch(r'distill_nb(\.\w+)+', mod or ''):
-        importlib.import_module(mod)  # our own module that registers the class (never a module named by other files)
-    net = build_from_config(_nonfinite(m['config']), source=str(path))
+    name, mod = m['config']['class_name'], m.get('class_module', '')
+    if name not in REGISTRY and isinstance(mod, str) and re.fullmatch(r'distill_nb(\.\w+)+', mod):
+        try: importlib.import_module(mod)  # our own module that registers the class (never a module named by other files)
+        except ImportError: pass
+    if name not in REGISTRY: raise CheckpointError(f'{path}: unknown network class {name!r} in its header; expected one of {sorted(REGISTRY)}')
+    _, shapes = _safetensors_header(path)
+    what = f'its config ({name})'
+    kw = reconcile_sizes(from_jsonable(m['config'].get('init_kwargs', {})), edm_sizes(shapes, name, m['config'].get('init_kwargs')), str(path), what)
+    net = build_checked(lambda: REGISTRY[name](**kw), shapes, str(path), what)
     try: _st_load_model(net, str(path), strict=True)
-    except RuntimeError as e: raise CheckpointError(f'{path}: tensors do not match {m["config"]["class_name"]}: {e}') from e
+    except Exception as e: raise CheckpointError(f'{path}: tensors do not match {name}: {_first_line(e)}') from e
     net.distill_meta = m
     return net.to(device)
 
@@ -332,7 +489,7 @@ def download_url(url: str, # `http(s)://` or `file://` URL
         p = urllib.parse.unquote(urllib.parse.urlparse(url).path)
         if re.match(r'^/[a-zA-Z]:', p): p = p[1:]
         return Path(p)
-    if not re.match(r'^https?://', url): raise ValueError(f'{url}: expected an http(s):// or file:// URL')
+    if not re.match(r'^https?://', url): raise CheckpointError(f'{url}: expected an http(s):// or file:// URL')
     d, md5 = dnnlib_cache_dir(cache_dir), hashlib.md5(url.encode('utf-8')).hexdigest()
     hit = cached_url_path(url, d)
     if hit is not None:
@@ -365,7 +522,7 @@ def download_url(url: str, # `http(s)://` or `file://` URL
         finally:
             if tmp.exists(): tmp.unlink()
         time.sleep(0.5 * (attempt + 1))
-    raise ConnectionError(f'could not download {url}: {last}. If this machine is offline, download the file elsewhere and '
+    raise CheckpointError(f'{url}: could not download it ({last}). If this machine is offline, download the file elsewhere and '
                           f'pass its local path, or put it at {d}/{md5}_<name> (the dnnlib cache layout EDM uses).')
 
 # %% ../nbs/05_checkpoints.ipynb #9135e22f
@@ -387,6 +544,8 @@ def tiny_edm(seed: int = 0) -> nn.Module:
 BUILTIN_NETWORKS = {'tiny-edm': tiny_edm}
 
 # %% ../nbs/05_checkpoints.ipynb #e7dcec01
+_EXPECTED = 'an EDM network pickle (*.pkl) or a distill_nb *.safetensors'
+
 def load_network(path_or_url: str | Path, # local file, http(s)/file URL, or builtin:<name>
                  device: str | torch.device = 'cpu', # where the network goes
                  cache_dir: str | Path | None = None, # downloads folder for URLs (default: EDM's dnnlib cache)
@@ -396,17 +555,18 @@ def load_network(path_or_url: str | Path, # local file, http(s)/file URL, or bui
     s = str(path_or_url)
     if s.startswith('builtin:'):
         name = s.split(':', 1)[1]
-        if name not in BUILTIN_NETWORKS: raise ValueError(f'{s}: unknown built-in network; expected one of {sorted(BUILTIN_NETWORKS)}')
+        if name not in BUILTIN_NETWORKS: raise CheckpointError(f'{s}: unknown built-in network; expected one of {sorted(BUILTIN_NETWORKS)}')
         net = BUILTIN_NETWORKS[name]()
     else:
         path = download_url(s, cache_dir=cache_dir, sha256=sha256) if re.match(r'^[a-z]+://', s) else Path(s)
-        if not path.is_file(): raise FileNotFoundError(f'{path}: no such file (expected an EDM *.pkl or a distill_nb *.safetensors)')
+        path = _network_file(path, _EXPECTED)
         _check_sha256(path, sha256)
         kind = _sniff(path)
         if kind == 'pickle': net = load_edm_pickle(path)
         elif kind == 'safetensors': net = load_safetensors_network(path)
-        elif kind == 'zip': raise CheckpointError(f'{path}: this is a torch.save archive (e.g. training-state-*.pt), expected an EDM *.pkl or a distill_nb *.safetensors')
-        else: raise CheckpointError(f'{path}: unrecognised file, expected an EDM network pickle (*.pkl) or a distill_nb *.safetensors')
+        elif kind == 'truncated safetensors': raise CheckpointError(f'{path}: truncated safetensors file (its header is cut short), expected {_EXPECTED}')
+        elif kind == 'zip': raise CheckpointError(f'{path}: {_zip_kind(path)}; expected {_EXPECTED}')
+        else: raise CheckpointError(f'{path}: unrecognised file ({kind}), expected {_EXPECTED}')
     return net.to(device).eval().requires_grad_(False)
 
 def convert_edm_pickle(src: str | Path, # EDM pickle (path or URL)

@@ -284,15 +284,16 @@ def check_divisible(flag: str, value: int, by: int, what: str): # `what` names t
     if by <= 0 or value % by: raise UserError(f'{flag}: {value} is not divisible by {what} ({by})')
     return value
 
-def check_file(path: str | Path | None, flag: str = 'file', # flag that named the file, for the message
-               expected: str = 'a file') -> Path: # what the file should be, for the message
-    "`Path(path)` if it is an existing, non-empty, readable file, else a `UserError` naming it and what was expected."
-    if path is None or str(path) == '': raise UserError(f'{flag}: no file given; expected {expected}')
-    p = Path(path)
-    if not p.exists(): raise UserError(f'{p}: no such file (from {flag}); expected {expected}')
-    if p.is_dir(): raise UserError(f'{p}: is a folder (from {flag}); expected {expected}')
-    if not os.access(p, os.R_OK): raise UserError(f'{p}: permission denied (from {flag})')
-    if p.stat().st_size == 0: raise UserError(f'{p}: empty file (from {flag}); expected {expected}')
+def check_file(path: str | Path | None, flag: str | None = 'file', # flag that named the file, for the message (None: none)
+               expected: str = 'a file', # what the file should be, for the message
+               error: type = UserError) -> Path: # the exception class (a `UserError` subclass)
+    "`Path(path)` if it is an existing, non-empty, readable file, else an `error` naming it and what was expected."
+    if path is None or str(path) == '': raise error(f'{flag or "file"}: no file given; expected {expected}')
+    p, src = Path(path), f' (from {flag})' if flag else ''
+    if not p.exists(): raise error(f'{p}: no such file{src}; expected {expected}')
+    if p.is_dir(): raise error(f'{p}: is a folder{src}; expected {expected}')
+    if not os.access(p, os.R_OK): raise error(f'{p}: permission denied{src}; expected {expected}')
+    if p.stat().st_size == 0: raise error(f'{p}: empty file{src}; expected {expected}')
     return p
 
 # %% ../nbs/00_core.ipynb #76d9467e

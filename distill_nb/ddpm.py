@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from .core import as_sigma, append_dims
+from .core import as_sigma, append_dims, UserError
 
 # %% auto #0
 __all__ = ['betas_for_alpha_bar', 'get_named_beta_schedule', 'space_timesteps', 'mean_flat', 'normal_kl',
@@ -30,7 +30,7 @@ def get_named_beta_schedule(name: str, # 'linear' or 'cosine'
         return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
     if name == 'cosine':
         return betas_for_alpha_bar(T, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise ValueError(f"unknown noise_schedule {name!r}: expected 'linear' or 'cosine'")
+    raise UserError(f"unknown noise_schedule {name!r}: expected 'linear' or 'cosine'")
 
 # %% ../nbs/61_ddpm.ipynb #2fd26b03
 def space_timesteps(T: int, # original number of steps
@@ -42,14 +42,14 @@ def space_timesteps(T: int, # original number of steps
             n = int(section_counts[4:])
             for i in range(1, T):
                 if len(range(0, T, i)) == n: return set(range(0, T, i))
-            raise ValueError(f'timestep_respacing {section_counts!r}: cannot create exactly {n} steps with an integer stride from {T}')
+            raise UserError(f'timestep_respacing {section_counts!r}: cannot create exactly {n} steps with an integer stride from {T}')
         try: section_counts = [int(x) for x in section_counts.split(',')]
-        except ValueError: raise ValueError(f"timestep_respacing {section_counts!r}: expected e.g. '50', '10,15,20' or 'ddim50'") from None
+        except ValueError: raise UserError(f"timestep_respacing {section_counts!r}: expected e.g. '50', '10,15,20' or 'ddim50'") from None
     size_per, extra = divmod(T, len(section_counts))
     start, steps = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
-        if size < count: raise ValueError(f'timestep_respacing: cannot divide a section of {size} steps into {count}')
+        if size < count: raise UserError(f'timestep_respacing: cannot divide a section of {size} steps into {count}')
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(j * stride) for j in range(count)]
         start += size
@@ -90,6 +90,10 @@ class DDPM:
         self.rescale_timesteps, self.original_num_steps = rescale_timesteps, original_num_steps or len(b)
         self.alphas_cumprod = ac = np.cumprod(1 - b)
         self.alphas_cumprod_prev = acp = np.append(1., ac[:-1])
+        # every table is computed here in float64 (guided-diffusion's GaussianDiffusion) and cast once at use by `extract`
+        self.log_betas = np.log(b)
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = np.sqrt(ac), np.sqrt(1 - ac)
+        self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod = np.sqrt(1 / ac), np.sqrt(1 / ac - 1)
         self.posterior_variance = pv = b * (1 - acp) / (1 - ac)
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if len(b) > 1 else np.log(b)
         self.posterior_mean_coef1 = b * np.sqrt(acp) / (1 - ac)
@@ -115,7 +119,7 @@ class DDPM:
     def q_sample(self, x0, t, noise=None):
         "Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)."
         noise = torch.randn_like(x0) if noise is None else noise
-        return self.extract('alphas_cumprod', t, x0).sqrt() * x0 + (1 - self.extract('alphas_cumprod', t, x0)).sqrt() * noise
+        return self.extract('sqrt_alphas_cumprod', t, x0) * x0 + self.extract('sqrt_one_minus_alphas_cumprod', t, x0) * noise
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         "Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x_0)."
@@ -123,22 +127,20 @@ class DDPM:
         return mean, self.extract('posterior_variance', t, x_t), self.extract('posterior_log_variance_clipped', t, x_t)
 
     def predict_x0_from_eps(self, x_t, t, eps):
-        "x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t."
-        ac = self.extract('alphas_cumprod', t, x_t)
-        return (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        "x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε, from the float64 tables."
+        return self.extract('sqrt_recip_alphas_cumprod', t, x_t) * x_t - self.extract('sqrt_recipm1_alphas_cumprod', t, x_t) * eps
 
     def predict_eps_from_x0(self, x_t, t, x0):
-        "ε = (x_t − √ᾱ_t x_0)/√(1−ᾱ_t)."
-        ac = self.extract('alphas_cumprod', t, x_t)
-        return (x_t - ac.sqrt() * x0) / (1 - ac).sqrt()
+        "ε = (x_t − √ᾱ_t x_0)/√(1−ᾱ_t) = (√(1/ᾱ_t)·x_t − x_0)/√(1/ᾱ_t − 1), from the float64 tables."
+        return (self.extract('sqrt_recip_alphas_cumprod', t, x_t) * x_t - x0) / self.extract('sqrt_recipm1_alphas_cumprod', t, x_t)
 
     def split_output(self, out, x_t):
         "Split a network output into (ε, v or None), checking the channel count."
         C = x_t.shape[1]
         if self.learn_sigma:
-            if out.shape[1] != 2 * C: raise ValueError(f'learn_sigma: expected {2*C} output channels, got {out.shape[1]}')
+            if out.shape[1] != 2 * C: raise UserError(f'learn_sigma: expected {2*C} output channels, got {out.shape[1]}')
             return out[:, :C], out[:, C:]
-        if out.shape[1] != C: raise ValueError(f'expected {C} output channels, got {out.shape[1]}')
+        if out.shape[1] != C: raise UserError(f'expected {C} output channels, got {out.shape[1]}')
         return out, None
 
     def p_mean_variance(self, out: torch.Tensor, # raw network output at (x_t, t)
@@ -148,7 +150,7 @@ class DDPM:
         eps, v = self.split_output(out, x_t)
         if v is None: logvar = self.extract('posterior_log_variance_clipped', t, x_t).expand_as(x_t)
         else:
-            lo, hi = self.extract('posterior_log_variance_clipped', t, x_t), self.extract('betas', t, x_t).log()
+            lo, hi = self.extract('posterior_log_variance_clipped', t, x_t), self.extract('log_betas', t, x_t)
             frac = (v + 1) / 2
             logvar = frac * hi + (1 - frac) * lo
         x0 = self.predict_x0_from_eps(x_t, t, eps)
@@ -271,7 +273,7 @@ def diffusion_from_flags(source: str = 'flags', # file name used in errors
                          predict_xstart=False, rescale_timesteps=False, **ignored) -> DDPM:
     "`DDPM` from guided-diffusion's diffusion flags (ε-prediction only)."
     from distill_nb.adm import _bool
-    if _bool(predict_xstart): raise ValueError(f'{source}: predict_xstart=True is not supported (ε-prediction only)')
+    if _bool(predict_xstart): raise UserError(f'{source}: predict_xstart=True is not supported (ε-prediction only)')
     d = DDPM(get_named_beta_schedule(noise_schedule, int(diffusion_steps)), learn_sigma=_bool(learn_sigma),
              rescale_timesteps=_bool(rescale_timesteps))
     ts = str(timestep_respacing) if timestep_respacing not in (None, '') else ''

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.script import Param, store_true
+from .core import UserError, check_positive, check_divisible
 from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable
-from .toydata import ToyShapes
+from .toydata import ToyShapes, TOY_CLASSES
 from .samplers import edm_sampler, one_step_sample, consistency_sampler
 from .metrics import frechet_distance, feature_stats, sliced_wasserstein
 from .checkpoints import save_network, load_network
@@ -28,7 +29,7 @@ __all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO
            'random_conv_stats', 'fd_random_conv', 'pixel_sw', 'demo_latents', 'toy_images', 'sample_all',
            'DemoSettings', 'DemoStudent', 'DemoMethod', 'register_demo_method', 'available_methods', 'get_demo_method',
            'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'results_table',
-           'save_sample_grid', 'save_loss_curves', 'run_distill_demo', 'distill_demo']
+           'save_sample_grid', 'save_loss_curves', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
 
 # %% ../nbs/91_demo.ipynb #728cbecc
 class RandomConvFeatures(nn.Module):
@@ -140,7 +141,7 @@ def get_demo_method(name: str) -> DemoMethod:
     if name not in avail:
         why = (f' ({name} needs module {DEMO_METHODS[name].module})' if name in DEMO_METHODS else
                f' ({NOT_DEMO_METHODS[name]})' if name in NOT_DEMO_METHODS else '')
-        raise ValueError(f'--method {name!r}: not available; expected one of {avail}' + why)
+        raise UserError(f'--method {name!r}: not available; expected one of {avail}' + why)
     return DEMO_METHODS[name]
 
 # %% ../nbs/91_demo.ipynb #d80a385b
@@ -151,10 +152,10 @@ def train_dmd2_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir:
     from distill_nb.dmd2 import DMD2, DMD2Config, dmd2_learner
     hp = dict(DMD2_DEMO)
     if s.lr is not None: hp.update(generator_lr=s.lr, guidance_lr=4 * s.lr)
-    if s.batch % info.world_size: raise ValueError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
+    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
     cfg = DMD2Config(output_path=str(outdir / 'dmd2_run'), batch_size=s.batch // info.world_size, train_iters=s.iters,
                      log_iters=s.iters, seed=s.seed, device=str(info.device), grid_samples=16, max_checkpoint=1,
-                     num_workers=0, **hp)
+                     num_workers=0, overwrite=True, **hp)  # the run folder is the demo's scratch space: a second demo replaces it
     model = DMD2(teacher)
     cbs = [ProgressCB(every=10, keys=['generator/dm', 'guidance/fake'])] if s.progress and info.is_main else []
     learn = dmd2_learner(model, cfg, log_fn=log, cbs=cbs)
@@ -174,7 +175,7 @@ def train_cd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: P
     "Distil `teacher` into a consistency model (Song et al. 2023) for the demo."
     from distill_nb.cd import consistency_from_teacher, ConsistencyDistillationLoss, cd_learner
     from distill_nb.learner import ResumableLoader, Callback
-    if s.batch % info.world_size: raise ValueError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
+    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
     teacher = teacher.to(info.device)
     student = consistency_from_teacher(teacher)
     ds = ToyShapes(4096, teacher.img_resolution, max(int(teacher.label_dim or 0), 1), seed=0, channels=teacher.img_channels)
@@ -186,7 +187,7 @@ def train_cd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: P
     cbs = [_Hist()] + ([ProgressCB(every=10, keys=['cd/loss'])] if s.progress and info.is_main else [])
     learn = cd_learner(student, teacher, ResumableLoader(ds, s.batch // info.world_size, seed=s.seed), loss,
                        lr=s.lr or CD_DEMO['lr'], target_ema=CD_DEMO['target_ema'], ema=None, cbs=cbs, device=info.device,
-                       amp=None, run_dir=outdir / 'cd_run')
+                       amp=None, run_dir=outdir / 'cd_run', overwrite=True)
     t0 = time.time(); learn.fit(s.iters); secs = time.time() - t0
     net = learn.unwrapped('student').eval()
     mk = lambda sig: (lambda z, y: consistency_sampler(net, z, y, sigmas=sig))
@@ -203,13 +204,13 @@ def train_gdd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: 
     "Distil `teacher` into a one-step generator with GDD-I (Zheng & Yang 2024) on real toy images, for the demo."
     from distill_nb.gdd import train_gdd, fp32_copy
     from distill_nb.callbacks import read_metrics
-    if s.batch % info.world_size: raise ValueError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
+    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
     L, lr, run_dir = int(teacher.label_dim or 0), s.lr or GDD_DEMO['lr'], outdir / 'gdd_run'
     t0 = time.time()
     learn = train_gdd(run_dir, GDD_DEMO['preset'], teacher=teacher, data='toy', resolution=teacher.img_resolution,
                       toy_n=GDD_DEMO['toy_n'], toy_classes=max(L, 1), steps=s.iters, ckpt_every=10 ** 9, max_keep=1,
                       log_every=1, device=str(info.device), seed=s.seed, progress=False, cond=bool(L), batch=s.batch,
-                      g_lr=lr, d_lr=lr, freeze=GDD_DEMO['freeze'])
+                      g_lr=lr, d_lr=lr, freeze=GDD_DEMO['freeze'], overwrite=True)
     secs = time.time() - t0
     if not info.is_main: return DemoStudent({}, [], secs)
     G = fp32_copy(learn.ema.module()).eval()
@@ -245,7 +246,7 @@ def train_dmd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: 
     from distill_nb.dmd import DMDConfig, dmd_learner, regression_fn
     from distill_nb.dmd2 import DMD2
     from distill_nb.data.pairs import PairsDataset
-    if s.batch % info.world_size: raise ValueError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
+    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
     bs, run_dir = s.batch // info.world_size, outdir / 'dmd_run'
     n = min(DMD_DEMO['max_pairs'], max(s.batch, s.iters * s.batch // 8))
     t0 = time.time()
@@ -256,7 +257,7 @@ def train_dmd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: 
                     device=str(info.device), grid_samples=16, max_checkpoint=1, num_workers=0, generator_lr=lr,
                     guidance_lr=4 * lr if s.lr else DMD_DEMO['guidance_lr'], dfake_gen_update_ratio=1, warmup_step=0,
                     max_grad_norm=DMD_DEMO['max_grad_norm'], dmd_loss_lambda=DMD_DEMO['dmd_loss_lambda'], data_path=str(pairs),
-                    regression_loss='l2')
+                    regression_loss='l2', overwrite=True)
     model = DMD2(teacher)
     learn = dmd_learner(model, cfg, PairsDataset(pairs), regression_fn('l2'), log_fn=log)
     if s.progress and info.is_main:
@@ -323,6 +324,15 @@ def save_loss_curves(history: list[dict], keys: list[str], path: Path, title: st
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
 
 # %% ../nbs/91_demo.ipynb #6280670e
+def check_demo_teacher(net: nn.Module, # loaded teacher
+                       source: str = 'teacher'): # its file, for messages
+    "Refuse a teacher the toy data cannot evaluate: RGB, at least 4x4 pixels, at most `len(TOY_CLASSES)` classes."
+    C, R, L = int(net.img_channels), int(net.img_resolution), int(getattr(net, 'label_dim', 0) or 0)
+    if C != 3: raise UserError(f'{source}: the teacher makes {C}-channel images; the demo compares against RGB toy images (3 channels)')
+    if R < 4: raise UserError(f'{source}: the teacher makes {R}x{R} images; the toy images need at least 4x4')
+    if L > len(TOY_CLASSES): raise UserError(f'{source}: the teacher has {L} classes; the toy data has {len(TOY_CLASSES)}')
+    return net
+
 def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
                      method: str = 'dmd2', # distillation method (`available_methods()`)
                      iters: int = 400, # distillation iterations
@@ -338,8 +348,13 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
                      log=print) -> dict | None: # printer (rank 0)
     "Distil a teacher to a one-step generator and compare them (the function behind `distill_demo`); None on ranks > 0."
     from tqdm.auto import tqdm
-    get_demo_method(method)  # fail fast on a bad --method
-    if n_eval < 16: raise ValueError(f'--n_eval {n_eval}: need at least 16 images for the metrics')
+    get_demo_method(method)  # fail fast on bad flags, before loading or training anything
+    check_positive('--iters', iters); check_positive('--batch', batch); check_positive('--eval_batch', eval_batch)
+    check_positive('--threads', threads, allow_zero=True)
+    if lr is not None: check_positive('--lr', lr)
+    if n_eval < 16: raise UserError(f'--n_eval {n_eval}: need at least 16 images for the metrics')
+    check_divisible('--batch', batch, int(os.environ.get('WORLD_SIZE', '1')), 'the number of processes')
+    if Path(outdir).exists() and not Path(outdir).is_dir(): raise UserError(f'{outdir}: --outdir is a file, expected a folder')
     s = DemoSettings(method, iters, batch, lr, n_eval, eval_batch, seed, device, progress, teacher)
     if threads: torch.set_num_threads(threads)
     info = init_distributed(device)
@@ -349,6 +364,7 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     t_start = time.time()
     net = load_network(teacher, info.device) if teacher else load_demo_teacher(info.device)
     C, R, L = net.img_channels, net.img_resolution, int(getattr(net, 'label_dim', 0) or 0)
+    check_demo_teacher(net, str(teacher or demo_teacher_path()))
     tmeta = getattr(net, 'distill_meta', {}) or {}
     say(f'teacher: {teacher or demo_teacher_path()} ({sum(p.numel() for p in net.parameters()):,} parameters, {C}x{R}x{R}, {L} classes)')
     # --- distil (all ranks) ---
@@ -361,7 +377,6 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     ext = RandomConvFeatures(C).to(info.device)
     toy_cls = L if L else 4
     ref = toy_images(n_eval, R, toy_cls, seed=1); floor = toy_images(n_eval, R, toy_cls, seed=2)
-    if ref.shape[1] != C: raise ValueError(f'teacher has {C} channels; the toy reference images have {ref.shape[1]}')
     ref_stats = random_conv_stats(ref, ext)
     z, y = demo_latents(n_eval, C, R, L, device=info.device)
     net = net.eval()

@@ -4,27 +4,28 @@
 
 # %% ../nbs/62_dkdm.ipynb #ef6a4add
 from __future__ import annotations
-import json, math
+import contextlib, json, math
 from fractions import Fraction
 from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from safetensors import safe_open
+from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from .core import atomic_path, get_device, seed_everything, to_jsonable, unwrap_model, register, store_init_kwargs
 from .adm import ADMUNet, adm_kwargs_from_flags, load_adm
 from .ddpm import DDPM, diffusion_from_flags, mean_flat, normal_kl
-from .learner import Learner, TrainStep, Callback, init_distributed, list_checkpoints, ResumableLoader, save_module
+from .learner import Learner, TrainStep, Callback, init_distributed, list_checkpoints, ResumableLoader, save_module, write_guard
 from .callbacks import EMA, Checkpointer, MetricsLogger
-from .core import cli
+from .core import cli, UserError, check_positive, check_range, check_divisible, check_file
 
 # %% auto #0
-__all__ = ['DKDM_ARCH_32', 'DKDM_STUDENTS', 'MODES', 'POOL_FORMAT', 'DKDM_LOSS_SCALE', 'PRECISIONS', 'DKDM_DIFFUSION',
-           'DKDM_PRESETS', 'student_flags', 'build_student', 'teacher_step', 'dkdm_loss', 'pool_size', 'TeacherPool',
-           'prepare_pool', 'save_pool', 'read_pool_meta', 'load_pool', 'PoolCheckpoint', 'dkdm_fit', 'ddpm_sample',
-           'MLPEps', 'synthetic_parts', 'assemble_synthetic', 'generate_synthetic', 'MixedDataset', 'ddpm_baseline_fit',
-           'get_preset', 'load_dkdm_teacher', 'dkdm_prepare', 'dkdm_train', 'dkdm_baseline']
+__all__ = ['DKDM_ARCH_32', 'DKDM_STUDENTS', 'MODES', 'POOL_FORMAT', 'DKDM_LOSS_SCALE', 'PRECISIONS', 'STUDENT_FILES',
+           'DKDM_DIFFUSION', 'DKDM_PRESETS', 'student_flags', 'build_student', 'teacher_step', 'dkdm_loss', 'pool_size',
+           'TeacherPool', 'prepare_pool', 'save_pool', 'read_pool_meta', 'load_pool', 'PoolCheckpoint', 'dkdm_terms',
+           'dkdm_fit', 'ddpm_sample', 'MLPEps', 'synthetic_parts', 'assemble_synthetic', 'generate_synthetic',
+           'MixedDataset', 'ddpm_baseline_fit', 'get_preset', 'load_dkdm_teacher', 'dkdm_prepare', 'dkdm_train',
+           'dkdm_baseline']
 
 # %% ../nbs/62_dkdm.ipynb #2ccd899e
 DKDM_ARCH_32 = dict(image_size=32, num_heads=4, num_heads_upsample=-1, num_head_channels=32, attention_resolutions='16,8',
@@ -44,7 +45,7 @@ DKDM_STUDENTS = {
 def student_flags(name: str | None = None, # a key of DKDM_STUDENTS, or None for flags only
                   **overrides) -> dict: # guided-diffusion flags that replace the preset's
     "guided-diffusion flags of a DKDM student (Xiang et al. 2025, Table of architectures)."
-    if name is not None and name not in DKDM_STUDENTS: raise ValueError(f'student {name!r}: expected one of {list(DKDM_STUDENTS)}')
+    if name is not None and name not in DKDM_STUDENTS: raise UserError(f'student {name!r}: expected one of {list(DKDM_STUDENTS)}')
     return {**(DKDM_STUDENTS[name] if name else DKDM_ARCH_32), **overrides}
 
 _student_flags = student_flags  # (dkdm_train has a parameter of the same name)
@@ -58,7 +59,7 @@ def build_student(name: str | None = None, # preset name (DKDM_STUDENTS) or None
 def _autocast(device, amp):
     if amp in (None, 'none', 'fp32'): return torch.autocast(torch.device(device).type, enabled=False)
     dt = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
-    if dt is None: raise ValueError(f"amp={amp!r}: expected None, 'bf16' or 'fp16'")
+    if dt is None: raise UserError(f"amp={amp!r}: expected None, 'bf16' or 'fp16'")
     return torch.autocast(torch.device(device).type, dtype=dt)
 
 @torch.no_grad()
@@ -108,7 +109,7 @@ def pool_size(rho: float, # ρ, the pool size in units of T batches
               batch_size: int) -> int: # per-rank batch
     "Dynamic pool size P = round(ρ·T)·B (DKDM)."
     n = round(rho * T)
-    if n < 1: raise ValueError(f'rho={rho}: round(rho*T) = {n}; expected at least 1 (rho >= {0.5 / T:g})')
+    if n < 1: raise UserError(f'rho={rho}: round(rho*T) = {n}; expected at least 1 (rho >= {0.5 / T:g})')
     return n * batch_size
 
 MODES = ('iterative', 'shuffled', 'dynamic')
@@ -126,7 +127,7 @@ class TeacherPool:
                  amp: str | None = None, # teacher autocast ('bf16', 'fp16')
                  seed: int = 0, # seed of the pool's generators
                  device='cpu'):
-        if mode not in MODES: raise ValueError(f'mode={mode!r}: expected one of {MODES}')
+        if mode not in MODES: raise UserError(f'mode={mode!r}: expected one of {MODES}')
         self.teacher, self.diffusion, self.B, self.mode = teacher, diffusion, batch_size, mode
         self.T, self.num_classes, self.clip, self.amp = diffusion.num_timesteps, num_classes, clip_denoised, amp
         self.device = torch.device(device)
@@ -139,15 +140,15 @@ class TeacherPool:
             self.y = self._labels(batch_size)
             self.id = torch.arange(batch_size, device=self.device)
         else:
-            if pool is None: raise ValueError(f"mode={mode!r} needs a prepared pool (see dkdm_prepare)")
+            if pool is None: raise UserError(f"mode={mode!r} needs a prepared pool (see dkdm_prepare)")
             n = batch_size if mode == 'shuffled' else len(pool['t'])
             if len(pool['t']) < n or (mode == 'dynamic' and n < batch_size):
-                raise ValueError(f'pool has {len(pool["t"])} states; mode {mode!r} with batch {batch_size} needs at least {max(n, batch_size)}')
+                raise UserError(f'pool has {len(pool["t"])} states; mode {mode!r} with batch {batch_size} needs at least {max(n, batch_size)}')
             self.x = pool['x'][:n].to(self.device, torch.float32).clone()
             self.t = pool['t'][:n].to(self.device, torch.long).clone()
             self.y = pool['y'][:n].to(self.device).clone() if pool.get('y') is not None else self._labels(n)
             self.id = pool['id'][:n].to(self.device).clone() if pool.get('id') is not None else torch.arange(n, device=self.device)
-            if (self.t < 0).any() or (self.t > self.T).any(): raise ValueError(f'pool t values must lie in [0, {self.T}]')
+            if (self.t < 0).any() or (self.t > self.T).any(): raise UserError(f'pool t values must lie in [0, {self.T}]')
         self.steps = 0
 
     def __len__(self): return len(self.t)
@@ -193,7 +194,7 @@ class TeacherPool:
 
     def load_state_tensors(self, st: dict):
         "Restore what `state_tensors` returned (exact resume)."
-        if st['x'].shape[1:] != self.x.shape[1:]: raise ValueError(f'pool image shape {tuple(st["x"].shape[1:])} != {tuple(self.x.shape[1:])}')
+        if st['x'].shape[1:] != self.x.shape[1:]: raise UserError(f'pool image shape {tuple(st["x"].shape[1:])} != {tuple(self.x.shape[1:])}')
         self.x, self.t, self.id = st['x'].to(self.device).clone(), st['t'].to(self.device).clone(), st['id'].to(self.device).clone()
         self.y = st['y'].to(self.device).clone() if 'y' in st else None
         self.gen.set_state(st['gen_state']); self.sel_gen.set_state(st['sel_gen_state']); self.steps = int(st['steps'][0])
@@ -236,7 +237,7 @@ def save_pool(pool: dict, # {'x', 't', 'id'[, 'y']}
               meta: dict | None = None) -> list[Path]: # extra JSON metadata (T, rho, batch_size, ...)
     "Write a pool as safetensors shards with JSON metadata (atomic per file)."
     n = len(pool['t'])
-    if n % shards: raise ValueError(f'pool of {n} states cannot be split into {shards} equal shards')
+    if n % shards: raise UserError(f'pool of {n} states cannot be split into {shards} equal shards')
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     k, paths = n // shards, []
     for r in range(shards):
@@ -245,18 +246,31 @@ def save_pool(pool: dict, # {'x', 't', 'id'[, 'y']}
         info = to_jsonable({**(meta or {}), 'format': POOL_FORMAT, 'version': 1, 'shard': r, 'shards': shards, 'total': n,
                             'convention': 'stored t: x is the output of the teacher step at index t (noise index t-1); t=T: fresh noise; t=0: clean'})
         p = out_dir/f'pool-{r:05d}-of-{shards:05d}.safetensors'
-        with atomic_path(p) as tmp: save_file(tens, str(tmp), metadata={'format': POOL_FORMAT, 'distill_nb': json.dumps(info)})
+        with write_guard(p, 'the pool shard'), atomic_path(p) as tmp:
+            save_file(tens, str(tmp), metadata={'format': POOL_FORMAT, 'distill_nb': json.dumps(info)})
         paths.append(p)
     return paths
 
+@contextlib.contextmanager
+def _reading(path):
+    "A damaged or foreign safetensors file becomes a `UserError` naming it (OS errors with an errno stay OS errors)."
+    try: yield
+    except (SafetensorError, json.JSONDecodeError, KeyError) as e:
+        raise UserError(f'{path}: cannot read the DKDM pool ({type(e).__name__}: {e}); the file is damaged or not a pool') from e
+    except OSError as e:
+        if e.errno is not None: raise
+        raise UserError(f'{path}: cannot read the DKDM pool ({e})') from e
+
 def read_pool_meta(path: str | Path) -> dict:
     "JSON metadata of one pool shard (raises on other files)."
-    with safe_open(str(path), 'pt') as f: md = f.metadata() or {}
-    if md.get('format') != POOL_FORMAT: raise ValueError(f'{path}: not a DKDM pool shard (format {md.get("format")!r}, expected {POOL_FORMAT!r})')
-    return json.loads(md['distill_nb'])
+    with _reading(path):
+        with safe_open(str(path), 'pt') as f: md = f.metadata() or {}
+        if md.get('format') != POOL_FORMAT: raise UserError(f'{path}: not a DKDM pool shard (format {md.get("format")!r}, expected {POOL_FORMAT!r})')
+        return json.loads(md['distill_nb'])
 
 def _read_shard(p):
-    with safe_open(str(p), 'pt') as f: return {k: f.get_tensor(k) for k in f.keys()}
+    with _reading(p):
+        with safe_open(str(p), 'pt') as f: return {k: f.get_tensor(k) for k in f.keys()}
 
 def load_pool(path: str | Path, # pool folder (or one shard file)
               rank: int = 0, world_size: int = 1) -> dict: # which part to return
@@ -268,10 +282,10 @@ def load_pool(path: str | Path, # pool folder (or one shard file)
     metas = [read_pool_meta(f) for f in files]
     shards, total = metas[0]['shards'], metas[0]['total']
     if len(files) != shards or sorted(m['shard'] for m in metas) != list(range(shards)):
-        raise ValueError(f'{path}: expected {shards} shards, found {[f.name for f in files]}')
+        raise UserError(f'{path}: expected {shards} shards, found {[f.name for f in files]}')
     if world_size == shards: part = _read_shard(files[rank])
     else:
-        if total % world_size: raise ValueError(f'{path}: {total} states cannot be split over world size {world_size}')
+        if total % world_size: raise UserError(f'{path}: {total} states cannot be split over world size {world_size}')
         parts = [_read_shard(f) for f in files]
         allp = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         k = total // world_size
@@ -286,7 +300,7 @@ PRECISIONS = ('fp16', 'bf16', 'fp32')
 def _check_amp(amp, flag='amp'):
     "Normalise a student precision: None/'none'/'fp32' -> None; 'bf16'/'fp16'/'auto' (the Learner's) kept; anything else raises."
     if amp in (None, 'none', 'fp32'): return None
-    if amp not in ('bf16', 'fp16', 'auto'): raise ValueError(f'--{flag} {amp!r}: expected one of {PRECISIONS} (or none)')
+    if amp not in ('bf16', 'fp16', 'auto'): raise UserError(f'--{flag} {amp!r}: expected one of {PRECISIONS} (or none)')
     return amp
 
 def _loss_scale(amp, loss_scale):
@@ -303,7 +317,7 @@ class PoolCheckpoint(Callback):
         f = d/f'pool-{learn.rank:05d}-of-{learn.world_size:05d}.safetensors'
         d.mkdir(parents=True, exist_ok=True)
         st = {k: v.detach().cpu().contiguous() for k, v in self.pool.state_tensors().items()}
-        with atomic_path(f) as tmp:
+        with write_guard(f, 'the pool state', Path(learn.run_dir)/'checkpoints'), atomic_path(f) as tmp:
             save_file(st, str(tmp), metadata={'format': POOL_FORMAT + '.state', 'distill_nb': json.dumps({'step': learn.step, 'mode': self.pool.mode})})
         keep = {p.name for p in list_checkpoints(Path(learn.run_dir)/'checkpoints')} | {d.name}
         if learn.is_main:
@@ -321,6 +335,22 @@ class PoolCheckpoint(Callback):
         if not f.exists(): raise FileNotFoundError(f'resume: {f} missing; the pool of step {learn.step} was not saved for this rank/world size')
         self.pool.load_state_tensors(_read_shard(f))
     def before_fit(self, learn): self.learn = learn
+    def run_outputs(self, learn): return ['pools']  # cleared by --overwrite with the checkpoints
+
+STUDENT_FILES = ('student.safetensors', 'student_ema.safetensors')  # the final students written into the run folder
+
+def dkdm_terms(student: nn.Module, # student ε-network
+               b: dict, # a `TeacherPool` batch: x_t, t, eps, mean, log_variance[, y]
+               diffusion: DDPM, # the shared process
+               input_perturb: float = 0., # γ: the student sees x_t + √(1−ᾱ_t)·γ·ξ
+               noise: torch.Tensor | None = None) -> dict: # ξ (default N(0, I))
+    "Per-sample DKDM terms of the student at (optionally perturbed) teacher states, as guided-diffusion's `training_losses_kd`."
+    x = b['x_t']
+    if input_perturb:  # the reference rebinds x_t: the student's ε and its vb (KL) term both use the perturbed state
+        xi = torch.randn_like(x) if noise is None else noise
+        x = x + diffusion.extract('sqrt_one_minus_alphas_cumprod', b['t'], x) * input_perturb * xi
+    out = student(x, diffusion.model_t(b['t']), **({'y': b['y']} if 'y' in b else {}))
+    return dkdm_loss(out, x, b['t'], b['eps'], b['mean'], b['log_variance'], diffusion)
 
 def dkdm_fit(teacher: nn.Module, diffusion: DDPM, # teacher and its (un-respaced) process
              student: nn.Module, # randomly initialised student ε-network (same process; learned variance optional)
@@ -334,25 +364,21 @@ def dkdm_fit(teacher: nn.Module, diffusion: DDPM, # teacher and its (un-respaced
              save_every: int | None = None, # checkpoint interval (needs run_dir)
              log_every: int = 100, resume: str | Path | None = None, # checkpoint folder or 'latest'
              device='cpu', config: dict | None = None, cbs: list | None = None,
-             loss_scale: dict | None = None) -> Learner: # amp='fp16': GradScaler options (default DKDM_LOSS_SCALE, the reference's)
+             loss_scale: dict | None = None, # amp='fp16': GradScaler options (default DKDM_LOSS_SCALE, the reference's)
+             overwrite: bool = False) -> Learner: # replace a previous run in run_dir (else refused unless resuming)
     "Train a student on teacher-pool states with the DKDM loss (Xiang et al. 2025) on the library's Learner."
     amp = _check_amp(amp)
     device = get_device(device)
     teacher.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    def loss_fn(learn, b):
-        x = b['x_t']
-        if input_perturb:
-            x = x + diffusion.extract('alphas_cumprod', b['t'], x).mul(-1).add(1).sqrt() * input_perturb * torch.randn_like(x)
-        out = learn.models['student'](x, diffusion.model_t(b['t']), **({'y': b['y']} if 'y' in b else {}))
-        return dkdm_loss(out, b['x_t'], b['t'], b['eps'], b['mean'], b['log_variance'], diffusion)
+    def loss_fn(learn, b): return dkdm_terms(learn.models['student'], b, diffusion, input_perturb)
     cbs = list(cbs or [])
     if ema: cbs.append(EMA('student', decay=ema))
     if run_dir is not None:
         cbs.append(MetricsLogger(every=log_every))
         if save_every: cbs += [Checkpointer(every=save_every), PoolCheckpoint(pool, save_every)]
     learn = Learner({'student': student}, [TrainStep('student', loss_fn, opt)], dl=pool, cbs=cbs, device=device, amp=amp,
-                    run_dir=run_dir, config=config, loss_scale=_loss_scale(amp, loss_scale))
+                    run_dir=run_dir, config=config, loss_scale=_loss_scale(amp, loss_scale), overwrite=overwrite, outputs=STUDENT_FILES)
     learn.fit(n_steps, resume=resume)
     return learn
 
@@ -401,7 +427,7 @@ def _synthetic_plan(out: Path, n, batch_size, seed, steps) -> Path:
     plan, f = {'n': int(n), 'batch_size': int(batch_size), 'seed': int(seed), 'steps': str(steps)}, parts/'plan.json'
     if f.exists():
         old = json.loads(f.read_text())
-        if old != plan: raise ValueError(f'{parts}: unfinished generation with a different plan {old} (now {plan}); '
+        if old != plan: raise UserError(f'{parts}: unfinished generation with a different plan {old} (now {plan}); '
                                          f'use the same n/batch_size/seed/steps or delete {parts}')
     else:
         from distill_nb.core import atomic_write
@@ -490,23 +516,24 @@ class MixedDataset(torch.utils.data.Dataset):
                  real_fraction: float = 0., # r, the fraction of real images
                  length: int | None = None, # N (default: len(real) as in the reference, else len(synthetic))
                  seed: int = 0): # seed of the subsets
-        if not 0 <= real_fraction <= 1: raise ValueError(f'--real_fraction {real_fraction}: expected a value in [0, 1]')
-        if real_fraction > 0 and real is None: raise ValueError(f'--real_fraction {real_fraction} needs --real_data')
-        if real_fraction < 1 and synthetic is None: raise ValueError('MixedDataset: a synthetic dataset is needed when real_fraction < 1')
+        if not 0 <= real_fraction <= 1: raise UserError(f'--real_fraction {real_fraction}: expected a value in [0, 1]')
+        if real_fraction > 0 and real is None: raise UserError(f'--real_fraction {real_fraction} needs --real_data')
+        if real_fraction < 1 and synthetic is None: raise UserError('MixedDataset: a synthetic dataset is needed when real_fraction < 1')
         self.synthetic, self.real = synthetic, real
         self.r = Fraction(real_fraction).limit_denominator(10 ** 6)
         N = length if length is not None else len(real) if real is not None else len(synthetic)
         self.n_real = int(N * self.r); self.n_syn = N - self.n_real; self.N = N
-        if real is not None and self.n_real > len(real): raise ValueError(f'--real_data has {len(real)} images; {self.n_real} needed')
+        if real is not None and self.n_real > len(real): raise UserError(f'--real_data has {len(real)} images; {self.n_real} needed')
         if self.n_syn and self.n_syn > len(synthetic):
-            raise ValueError(f'synthetic set has {len(synthetic)} images; {self.n_syn} needed for {N} images with real_fraction {real_fraction} '
+            raise UserError(f'synthetic set has {len(synthetic)} images; {self.n_syn} needed for {N} images with real_fraction {real_fraction} '
                              '(generate more with --n_synthetic)')
         g = np.random.default_rng(seed)
         self.real_idx = g.permutation(len(real))[:self.n_real] if self.n_real else np.zeros(0, np.int64)
         self.syn_idx = g.permutation(len(synthetic))[:self.n_syn] if self.n_syn else np.zeros(0, np.int64)
         if self.n_real and self.n_syn:
             a, b = synthetic[0][0], real[0][0]
-            if tuple(a.shape) != tuple(b.shape): raise ValueError(f'--real_data images are {tuple(b.shape)}; the synthetic ones {tuple(a.shape)}')
+            if tuple(a.shape) != tuple(b.shape):
+                raise UserError(f'--real_data images are {"x".join(map(str, b.shape))} but the synthetic ones (the teacher\'s) are {"x".join(map(str, a.shape))}')
 
     def __len__(self): return self.N
     def _reals_before(self, i: int) -> int: return (i * self.r.numerator) // self.r.denominator
@@ -527,7 +554,8 @@ def ddpm_baseline_fit(student: nn.Module, diffusion: DDPM, # student and the sha
                       run_dir=None, save_every: int | None = None, resume=None, seed: int = 0, device='cpu', cbs=None,
                       log_every: int = 100, # metrics interval
                       loss_scale: dict | None = None, # amp='fp16': GradScaler options
-                      config: dict | None = None) -> Learner: # run config stored in run_dir
+                      config: dict | None = None, # run config stored in run_dir
+                      overwrite: bool = False) -> Learner: # replace a previous run in run_dir (else refused unless resuming)
     "Standard DDPM training with the IDDPM hybrid loss and uniform t (the paper's synthetic-data baseline)."
     amp = _check_amp(amp)
     dl = ResumableLoader(dataset, batch_size, seed=seed)
@@ -544,7 +572,7 @@ def ddpm_baseline_fit(student: nn.Module, diffusion: DDPM, # student and the sha
         cbs.append(MetricsLogger(every=log_every))
         if save_every: cbs.append(Checkpointer(every=save_every))
     learn = Learner({'student': student}, [TrainStep('student', loss_fn, opt)], dl=dl, cbs=cbs, device=device, amp=amp, run_dir=run_dir,
-                    config=config, loss_scale=_loss_scale(amp, loss_scale))
+                    config=config, loss_scale=_loss_scale(amp, loss_scale), overwrite=overwrite, outputs=STUDENT_FILES)
     learn.fit(n_steps, resume=resume)
     return learn
 
@@ -563,15 +591,15 @@ DKDM_PRESETS = {
 
 def get_preset(name: str) -> dict:
     "A copy of a DKDM reference configuration."
-    if name not in DKDM_PRESETS: raise ValueError(f'preset {name!r}: expected one of {list(DKDM_PRESETS)}')
+    if name not in DKDM_PRESETS: raise UserError(f'preset {name!r}: expected one of {list(DKDM_PRESETS)}')
     return json.loads(json.dumps(DKDM_PRESETS[name]))
 
 def _json_flags(s, name):
     if s in (None, ''): return {}
     if isinstance(s, dict): return s
     try: d = json.loads(s)
-    except json.JSONDecodeError as e: raise ValueError(f'--{name}: expected a JSON object of guided-diffusion flags ({e})') from None
-    if not isinstance(d, dict): raise ValueError(f'--{name}: expected a JSON object, got {type(d).__name__}')
+    except json.JSONDecodeError as e: raise UserError(f'--{name}: expected a JSON object of guided-diffusion flags ({e})') from None
+    if not isinstance(d, dict): raise UserError(f'--{name}: expected a JSON object, got {type(d).__name__}')
     return d
 
 def load_dkdm_teacher(path: str | Path, # teacher checkpoint (.pt plain state dict or .safetensors)
@@ -584,17 +612,46 @@ def load_dkdm_teacher(path: str | Path, # teacher checkpoint (.pt plain state di
     cfg = Path(config) if config else find_config(path)
     merged = {**(get_preset(preset)['teacher'] if preset else {}), **(read_config_file(cfg) if cfg else {}), **(flags or {})}
     model = load_adm(path, config=cfg, codebase=codebase, device=device, **merged)
+    merged = {**merged, **getattr(model, 'adm_flags', {})}  # what load_adm read from the weights (learn_sigma, classes, ...)
     diff = diffusion_from_flags(str(cfg or path), **{**merged, 'timestep_respacing': ''})
     return model, diff, merged
 
 # %% ../nbs/62_dkdm.ipynb #e7686efa
 def _required(**kw):
     for k, v in kw.items():
-        if v is None: raise ValueError(f'--{k} is required')
+        if v is None: raise UserError(f'--{k} is required')
+
+def _pos(flag: str, value, default, allow_zero: bool = False):
+    "`default` when the flag is not given, else the flag's value checked to be positive (or non-negative)."
+    return default if value is None else check_positive(flag, value, allow_zero)
+
+def _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, world_size, pr) -> dict:
+    "Validated training flags shared by dkdm_train and dkdm_baseline (a `UserError` names the flag)."
+    B = _pos('--batch_size', batch_size, pr['batch_size'])
+    check_divisible('--batch_size', B, world_size, 'the world size')
+    check_positive('--steps', steps); check_positive('--log_every', log_every)
+    ema = pr['ema'] if ema is None else check_range('--ema', ema, 0, 1, 'an EMA decay')
+    return dict(B=B, lr=_pos('--lr', lr, pr['lr']), weight_decay=_pos('--weight_decay', weight_decay, pr['weight_decay'], allow_zero=True),
+                ema=ema, save_every=_pos('--save_every', save_every, pr['save_every']))
+
+def _check_teacher_fits(what: str, shape, label_dim, net) -> None:
+    "A `UserError` naming both values when images of `shape` (C, H, W) or `label_dim` classes do not fit the teacher network."
+    want = (net.in_channels, net.image_size, net.image_size)
+    if tuple(shape) != want:
+        raise UserError(f'{what} has {"x".join(map(str, shape))} images but the teacher makes {"x".join(map(str, want))} '
+                        '(channels x resolution x resolution)')
+    if label_dim is not None and (net.num_classes or 0) != label_dim:
+        raise UserError(f'{what} has label_dim={label_dim} but the teacher has label_dim={net.num_classes or 0}')
 
 def _dev_default(value, preset_value, device):
     if value not in (None, 'auto'): return None if value in ('none', 'fp32') else value
     return preset_value if torch.device(device).type == 'cuda' else None
+
+def _teacher_amp(value, preset_value, device, flag='--teacher_amp'):
+    "The teacher's autocast dtype name (None, 'fp16', 'bf16') from a flag, checked before anything runs."
+    v = _dev_default(value, preset_value, device)
+    if v not in (None, 'fp16', 'bf16'): raise UserError(f"{flag} {value!r}: expected fp16, bf16 or none")
+    return v
 
 @cli
 def dkdm_prepare(teacher: str = None, # teacher checkpoint (.pt plain state dict or .safetensors)
@@ -610,15 +667,22 @@ def dkdm_prepare(teacher: str = None, # teacher checkpoint (.pt plain state dict
                  amp: str = None, # teacher autocast: fp16, bf16 or none (default: fp16 on CUDA)
                  seed: int = 0, # random seed
                  device: str = None, # cuda, cpu (default: CUDA if available)
-                 progress: bool = False): # print progress
+                 progress: bool = False, # print progress
+                 overwrite: bool = False): # replace the pool shards already in --out
     "Prepare the initial dynamic-iterative-distillation pool from the teacher (DKDM `dynamic_prepare`)."
-    _required(teacher=teacher, out=out); pr = get_preset(preset); device = get_device(device)
+    _required(teacher=teacher, out=out); pr = get_preset(preset)
+    rho, B = _pos('--rho', rho, pr['rho']), _pos('--batch_size', batch_size, pr['batch_size'])
+    chunk = _pos('--chunk', chunk, pr['teacher_batch']); check_positive('--shards', shards)
+    device = get_device(device); t_amp = _teacher_amp(amp, pr['teacher_amp'], device, '--amp')
     net, diff, flags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
-    rho, B = rho if rho is not None else pr['rho'], batch_size or pr['batch_size']
     n = pool_size(rho, diff.num_timesteps, B)
+    if n % shards: raise UserError(f'--shards: a pool of {n} states (round(rho*T)*batch_size) cannot be split into {shards} equal shards')
+    old = sorted(Path(out).glob('pool-*-of-*.safetensors')) if Path(out).is_dir() else []
+    if old and not overwrite: raise UserError(f'{out}: holds a pool already ({old[0].name}, ...); use --overwrite to replace it')
     shape = (net.in_channels, net.image_size, net.image_size)
-    pool = prepare_pool(net, diff, n, shape, chunk or pr['teacher_batch'], net.num_classes, bool(flags.get('clip_denoised', True)),
-                        _dev_default(amp, pr['teacher_amp'], device), seed, device, progress)
+    pool = prepare_pool(net, diff, n, shape, chunk, net.num_classes, bool(flags.get('clip_denoised', True)),
+                        t_amp, seed, device, progress)
+    for f in old: f.unlink()  # --overwrite: a different shard count must not mix with the old shards
     save_pool(pool, out, shards, meta={'T': diff.num_timesteps, 'rho': rho, 'batch_size': B, 'teacher': str(teacher),
                                        'teacher_flags': flags, 'seed': seed, 'shape': shape})
     print(f'dkdm_prepare: wrote {n} states in {shards} shard(s) to {out}')
@@ -646,42 +710,47 @@ def dkdm_train(teacher: str = None, # teacher checkpoint (.pt plain state dict o
                save_every: int = None, # checkpoint interval (default: preset's, 10000)
                log_every: int = 100, # metrics interval
                resume: str = None, # 'latest' or a checkpoint folder
+               overwrite: bool = False, # replace a previous run in --out (its checkpoints, pools, metrics, students)
                seed: int = 0, # random seed
                device: str = None): # cuda, cpu (default: CUDA if available)
     "Data-free distillation of an ADM/DDPM teacher into a new student (DKDM, Xiang et al. 2025)."
     _required(teacher=teacher, out=out); pr = get_preset(preset)
     info = init_distributed(device); device, rank, W = info.device, info.rank, info.world_size
-    s_amp = _check_amp(_dev_default(amp, pr['amp'], device))
+    s_amp, t_amp = _check_amp(_dev_default(amp, pr['amp'], device)), _teacher_amp(teacher_amp, pr['teacher_amp'], device)
     mode = mode or pr['mode']
-    if mode not in MODES: raise ValueError(f'--mode {mode!r}: expected one of {MODES}')
-    B = batch_size or pr['batch_size']
-    if B % W: raise ValueError(f'--batch_size {B} is not divisible by the world size {W}')
+    if mode not in MODES: raise UserError(f'--mode {mode!r}: expected one of {MODES}')
+    f = _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, W, pr)
+    B, ema = f['B'], f['ema']
+    check_positive('--input_perturb', input_perturb, allow_zero=True)
+    if rho is not None: check_positive('--rho', rho)
     Br = B // W
     net, diff, tflags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
     seed_everything(seed)
     sflags = _student_flags(student or pr['student'], **_json_flags(student_flags, 'student_flags'))
     s_net = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
     if (s_net.image_size, s_net.in_channels) != (net.image_size, net.in_channels):
-        raise ValueError(f'student image {s_net.image_size}px/{s_net.in_channels}ch differs from the teacher ({net.image_size}px/{net.in_channels}ch)')
+        raise UserError(f'--student_flags: student image {s_net.image_size}px/{s_net.in_channels}ch differs from the teacher ({net.image_size}px/{net.in_channels}ch)')
     shape = (net.in_channels, net.image_size, net.image_size)
-    clip, t_amp = bool(tflags.get('clip_denoised', True)), _dev_default(teacher_amp, pr['teacher_amp'], device)
+    clip = bool(tflags.get('clip_denoised', True))
     states = None
     if mode != 'iterative':
-        if pool is not None: states = load_pool(pool, rank, W)
+        if pool is not None:
+            states = load_pool(pool, rank, W)
+            _check_teacher_fits(f'--pool {pool}', states['x'].shape[1:], None, net)
+            T_pool = states['meta'].get('T', diff.num_timesteps)
+            if T_pool != diff.num_timesteps: raise UserError(f'--pool {pool}: prepared for T={T_pool} steps but the teacher has T={diff.num_timesteps}')
         else:
             n = pool_size(rho if rho is not None else pr['rho'], diff.num_timesteps, Br)
             if rank == 0: print(f'dkdm_train: no --pool given, preparing {n} states per rank in memory')
             states = prepare_pool(net, diff, n, shape, pr['teacher_batch'], net.num_classes, clip, t_amp, seed + 7919 * rank, device)
     src = TeacherPool(net, diff, Br, mode, pool=states, shape=shape, num_classes=net.num_classes, clip_denoised=clip,
                       amp=t_amp, seed=seed + 1000 * rank + 1, device=device)
-    ema = pr['ema'] if ema is None else ema
     cfg = {'method': 'dkdm', 'preset': preset, 'teacher': str(teacher), 'teacher_flags': tflags, 'student_flags': sflags,
-           'mode': mode, 'pool': pool, 'batch_size': B, 'lr': lr or pr['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp,
+           'mode': mode, 'pool': pool, 'batch_size': B, 'lr': f['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp,
            'loss_scale': pr['loss_scale'] if s_amp == 'fp16' else None}
-    learn = dkdm_fit(net, diff, s_net, src, steps, lr=lr or pr['lr'],
-                     weight_decay=pr['weight_decay'] if weight_decay is None else weight_decay, ema=ema or None,
+    learn = dkdm_fit(net, diff, s_net, src, steps, lr=f['lr'], weight_decay=f['weight_decay'], ema=ema or None,
                      amp=s_amp, input_perturb=input_perturb, run_dir=out, loss_scale=pr['loss_scale'],
-                     save_every=save_every or pr['save_every'], log_every=log_every, resume=resume, device=device, config=cfg)
+                     save_every=f['save_every'], log_every=log_every, resume=resume, device=device, config=cfg, overwrite=overwrite)
     _save_students(learn, out, tflags, 'dkdm_train')
 
 # %% ../nbs/62_dkdm.ipynb #2dcfae4e
@@ -693,9 +762,10 @@ def _teacher_diffusion_flags(teacher, preset, config, flags) -> dict:
 
 def _save_students(learn, out, tflags, name):
     if not learn.is_main: return
-    save_module(learn.unwrapped('student'), Path(out)/'student.safetensors', meta={'step': learn.step, 'diffusion': tflags})
-    emas = [c for c in learn.cbs if isinstance(c, EMA)]
-    if emas: save_module(emas[0].module(), Path(out)/'student_ema.safetensors', meta={'step': learn.step, 'diffusion': tflags})
+    from distill_nb.learner import write_guard
+    for f, m in [(STUDENT_FILES[0], learn.unwrapped('student'))] + [(STUDENT_FILES[1], c.module()) for c in learn.cbs if isinstance(c, EMA)][:1]:
+        with write_guard(Path(out)/f, 'the final student', Path(out)/'checkpoints'):
+            save_module(m, Path(out)/f, meta={'step': learn.step, 'diffusion': tflags})
     print(f'{name}: {learn.step} steps done; student written to {out}')
 
 @cli
@@ -725,27 +795,30 @@ def dkdm_baseline(teacher: str = None, # teacher checkpoint (needed only to gene
                   save_every: int = None, # checkpoint interval (default: preset's, 10000)
                   log_every: int = 100, # metrics interval
                   resume: str = None, # 'latest', 'auto' or a checkpoint folder
+                  overwrite: bool = False, # replace a previous run in --out (checkpoints, metrics, students; not the synthetic set)
                   seed: int = 0, # random seed (generation and training)
                   device: str = None, # cuda, cpu (default: CUDA if available)
                   progress: bool = False): # print generation progress
     "DKDM baselines: teacher samples as data (data-free) or mixed with real images (data-limited), standard DDPM training (Xiang et al. 2025)."
     _required(out=out); pr = get_preset(preset)
     info = init_distributed(device); device, rank, W = info.device, info.rank, info.world_size
-    s_amp, t_amp = _check_amp(_dev_default(amp, pr['amp'], device)), _dev_default(teacher_amp, pr['teacher_amp'], device)
-    if real_fraction and real_data is None: raise ValueError(f'--real_fraction {real_fraction} needs --real_data')
-    if real_data is not None and not 0 < real_fraction <= 1: raise ValueError(f'--real_fraction {real_fraction}: expected 0 < r <= 1 with --real_data')
+    s_amp, t_amp = _check_amp(_dev_default(amp, pr['amp'], device)), _teacher_amp(teacher_amp, pr['teacher_amp'], device)
+    check_range('--real_fraction', real_fraction, 0, 1, 'a fraction')
+    if real_fraction and real_data is None: raise UserError(f'--real_fraction {real_fraction} needs --real_data')
+    if real_data is not None and not 0 < real_fraction <= 1: raise UserError(f'--real_fraction {real_fraction}: expected 0 < r <= 1 with --real_data')
     if real_data is not None and not Path(real_data).exists(): raise FileNotFoundError(f'--real_data {real_data}: no such LMDB folder, image folder or zip')
-    B = batch_size or pr['batch_size']
-    if B % W: raise ValueError(f'--batch_size {B} is not divisible by the world size {W}')
+    f = _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, W, pr)
+    B, ema = f['B'], f['ema']
+    n_syn, gen_b = _pos('--n_synthetic', n_synthetic, pr['n_synthetic']), _pos('--gen_batch', gen_batch, pr['teacher_batch'])
     tflags = _teacher_diffusion_flags(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'))
     syn = Path(synthetic) if synthetic else Path(out)/'synthetic'
     need_syn = real_fraction < 1
     if need_syn and not (syn/'data.mdb').exists():
         _required(teacher=teacher)
         net, diff, tflags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
-        n, st = n_synthetic or pr['n_synthetic'], synthetic_steps or pr['synthetic_steps']
+        n, st = n_syn, synthetic_steps or pr['synthetic_steps']
         if rank == 0: print(f'dkdm_baseline: sampling {n} teacher images ({st} steps) into {syn} on {W} rank(s)', flush=True)
-        generate_synthetic(net, diff, n, syn, (net.in_channels, net.image_size, net.image_size), st, gen_batch or pr['teacher_batch'],
+        generate_synthetic(net, diff, n, syn, (net.in_channels, net.image_size, net.image_size), st, gen_b,
                            net.num_classes, bool(tflags.get('clip_denoised', True)), t_amp, seed, device, rank=rank, world_size=W,
                            progress=progress)
         del net
@@ -760,15 +833,15 @@ def dkdm_baseline(teacher: str = None, # teacher checkpoint (needed only to gene
     s_net = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
     img = tuple(ds[0][0].shape)
     if img != (s_net.in_channels, s_net.image_size, s_net.image_size):
-        raise ValueError(f'student expects {s_net.in_channels}x{s_net.image_size}x{s_net.image_size} images; the training data has {img}')
+        raise UserError(f'student expects {s_net.in_channels}x{s_net.image_size}x{s_net.image_size} images; the training data has '
+                        f'{"x".join(map(str, img))} (--student_flags image_size, --real_data)')
     diff = diffusion_from_flags('teacher flags', **{**tflags, 'learn_sigma': sflags.get('learn_sigma', True), 'timestep_respacing': ''})
-    ema = pr['ema'] if ema is None else ema
     cfg = {'method': 'dkdm_baseline', 'preset': preset, 'teacher': teacher, 'teacher_flags': tflags, 'student_flags': sflags,
            'synthetic': str(syn) if need_syn else None, 'real_data': real_data, 'real_fraction': real_fraction, 'dataset_size': len(ds),
-           'batch_size': B, 'lr': lr or pr['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp, 'hflip': not no_hflip,
+           'batch_size': B, 'lr': f['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp, 'hflip': not no_hflip,
            'loss_scale': pr['loss_scale'] if s_amp == 'fp16' else None}
-    learn = ddpm_baseline_fit(s_net, diff, ds, steps, B // W, lr=lr or pr['lr'], weight_decay=pr['weight_decay'] if weight_decay is None else weight_decay,
+    learn = ddpm_baseline_fit(s_net, diff, ds, steps, B // W, lr=f['lr'], weight_decay=f['weight_decay'],
                               ema=ema or None, hflip=not no_hflip, class_cond=bool(sflags.get('class_cond')), amp=s_amp, run_dir=out,
-                              save_every=save_every or pr['save_every'], resume=resume, seed=seed, device=device, log_every=log_every,
-                              loss_scale=pr['loss_scale'], config=cfg)
+                              save_every=f['save_every'], resume=resume, seed=seed, device=device, log_every=log_every,
+                              loss_scale=pr['loss_scale'], config=cfg, overwrite=overwrite)
     _save_students(learn, out, tflags, 'dkdm_baseline')

@@ -11,16 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.script import store_true
-from .core import get_device, seed_everything
-from .dmd2 import (DMD2, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, one_hot, save_image_grid,
+from .core import get_device, seed_everything, UserError, check_positive, check_range
+from .dmd2 import (DMD2, step_range, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, one_hot, save_image_grid,
                              fid_callback, default_callbacks)
 from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, list_checkpoints, init_distributed
 from .checkpoints import load_network
 from .core import cli
 
 # %% auto #0
-__all__ = ['DMDGenerator', 'display_samples', 'LPIPS', 'lpips_from_registry', 'l2_regression', 'regression_fn', 'DMDConfig',
-           'dmd_steps', 'DMDMonitor', 'dmd_learner', 'iters_per_epoch', 'train_dmd', 'normalize_argv', 'dmd_train',
+__all__ = ['DMDGenerator', 'display_samples', 'DM_SIGMA_RANGES', 'LPIPS', 'lpips_from_registry', 'l2_regression', 'regression_fn',
+           'dmd1_step_range', 'dm_index_range', 'DMDConfig', 'dmd_steps', 'DMDMonitor', 'dmd_learner',
+           'iters_per_epoch', 'check_dmd_config', 'check_pairs_fit', 'train_dmd', 'normalize_argv', 'dmd_train',
            'dmd_train_main']
 
 # %% ../nbs/31_dmd.ipynb #be346f0f
@@ -95,7 +96,7 @@ def l2_regression(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def regression_fn(kind: str = 'auto', # 'auto' (LPIPS if its weights resolve, else L2), 'lpips' or 'l2'
                   vgg_path=None, lin_path=None, resize: int | None = 224, device='cpu', log_fn=print):
     "The per-sample regression loss ℓ(G(z_ref), y_ref) of DMD."
-    if kind not in ('auto', 'lpips', 'l2'): raise ValueError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {kind!r}")
+    if kind not in ('auto', 'lpips', 'l2'): raise UserError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {kind!r}")
     if kind == 'l2': return l2_regression
     try: lp = lpips_from_registry(vgg_path, lin_path, resize).to(get_device(device))
     except FileNotFoundError as e:
@@ -104,12 +105,32 @@ def regression_fn(kind: str = 'auto', # 'auto' (LPIPS if its weights resolve, el
     log_fn('regression loss: LPIPS (VGG16)')
     return lp
 
+# %% ../nbs/31_dmd.ipynb #b14e5d90
+DM_SIGMA_RANGES = ('dmd', 'dmd2')
+
+def dmd1_step_range(n: int, # grid size (`--num_train_timesteps`)
+                    min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> tuple[int, int]:
+    "Inclusive ascending-grid index range of the seed's DM-loss σ: t ~ U{⌊p_min n⌋ … ⌊p_max n⌋−1}, σ = desc_with_zero[n−t] = asc[t−1]."
+    lo, hi = int(min_step_percent * n) - 1, int(max_step_percent * n) - 2
+    if not (0 <= lo <= hi <= n - 1):
+        raise UserError(f'--min_step_percent/--max_step_percent: the DMD v1 σ range is empty or includes σ = 0 for n={n}, '
+                        f'{min_step_percent}, {max_step_percent} (expected 1 <= floor(min*n) < floor(max*n) <= n+1)')
+    return lo, hi
+
+def dm_index_range(kind: str, # 'dmd' (the seed's DMD v1) or 'dmd2'
+                   n: int, min_step_percent: float = 0.02, max_step_percent: float = 0.98) -> tuple[int, int]:
+    "Inclusive ascending-grid index range of the DM-loss σ: the seed's DMD v1 range or DMD2's."
+    if kind not in DM_SIGMA_RANGES: raise UserError(f'--dm_sigma_range: expected one of {DM_SIGMA_RANGES}, got {kind!r}')
+    return dmd1_step_range(n, min_step_percent, max_step_percent) if kind == 'dmd' else step_range(n, min_step_percent, max_step_percent)
+
 # %% ../nbs/31_dmd.ipynb #6f495804
 @dataclass
 class DMDConfig(DMD2Config):
     "DMD v1 settings: DMD2's plus paired data, epochs and the regression loss."
     data_path: str | None = None; epochs: int = 1; dmd_loss_lambda: float = 0.25
     regression_loss: str = 'auto'; vgg_path: str | None = None; lpips_path: str | None = None; lpips_resize: int | None = 224
+    dm_sigma_range: str = 'dmd'  # 'dmd': the seed's DM-loss σ indices (dmd1_step_range); 'dmd2': DMD2's (dmd2.step_range)
+    overwrite: bool = False  # replace a previous run in output_path (else refused unless resuming)
 
 def dmd_steps(model: DMD2, cfg: DMDConfig, reg_fn) -> list[TrainStep]:
     "Generator (DM + λ·regression) and fake-score `TrainStep`s, 1:1 (DMD, Yin et al. 2024)."
@@ -145,13 +166,14 @@ class DMDMonitor(DMD2Monitor):
                                                                Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png')
 
 def dmd_learner(model: DMD2, cfg: DMDConfig, pairs, reg_fn, fid_fn=None, log_fn=print) -> Learner:
-    "A `Learner` running DMD v1 over a paired dataset (`data.pairs.PairsDataset`)."
+    "A `Learner` running DMD v1 over a paired dataset (`data.pairs.PairsDataset`); sets the model's DM-loss σ range from `cfg`."
+    model.dm_lo, model.dm_hi = dm_index_range(cfg.dm_sigma_range, cfg.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
     dl = ResumableLoader(pairs, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, drop_last=True)
     cbs = default_callbacks(model, cfg, fid_fn, log_fn, monitor=DMDMonitor); mon = cbs[0]
     learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd_steps(model, cfg, reg_fn),
                     dl, cbs=cbs, device=cfg.device, amp='bf16' if cfg.use_fp16 else None, run_dir=cfg.output_path,
-                    config=asdict(cfg), batch_size=cfg.batch_size, ddp_kwargs={'find_unused_parameters': True})
-    learn.monitor = mon
+                    config=asdict(cfg), batch_size=cfg.batch_size, ddp_kwargs={'find_unused_parameters': True}, overwrite=cfg.overwrite)
+    learn.monitor, learn.dmd = mon, model
     return learn
 
 def iters_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
@@ -159,18 +181,44 @@ def iters_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return max(n // (batch_size * world_size), 1)
 
 # %% ../nbs/31_dmd.ipynb #3d916f20
+def check_dmd_config(cfg: DMDConfig) -> DMDConfig:
+    "Validate the user-facing settings of a DMD v1 run; a `UserError` names the flag."
+    if not cfg.teacher_model_path: raise UserError('--model_path is required: the EDM teacher to distil')
+    if not cfg.data_path: raise UserError('--data_path is required: the HDF5 pairs file (distill_dataset pairs / data.pairs.write_pairs)')
+    for flag, v in [('--batch_size', cfg.batch_size), ('--epochs', cfg.epochs), ('--lr', cfg.generator_lr), ('--lr', cfg.guidance_lr),
+                    ('--conditioning_sigma', cfg.conditioning_sigma), ('--num_train_timesteps', cfg.num_train_timesteps),
+                    ('--log_iters', cfg.log_iters), ('--max_checkpoint', cfg.max_checkpoint), ('--fid_samples', cfg.fid_samples)]:
+        check_positive(flag, v)
+    for flag, v in [('--train_iters', cfg.train_iters), ('--dmd_loss_lambda', cfg.dmd_loss_lambda), ('--max_norm', cfg.max_grad_norm),
+                    ('--num_workers', cfg.num_workers), ('--lpips_resize', cfg.lpips_resize or 0)]:
+        check_positive(flag, v, allow_zero=True)
+    if cfg.num_train_timesteps < 2: raise UserError(f'--num_train_timesteps: expected at least 2 grid points, got {cfg.num_train_timesteps}')
+    if cfg.regression_loss not in ('auto', 'lpips', 'l2'):
+        raise UserError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {cfg.regression_loss!r}")
+    dm_index_range(cfg.dm_sigma_range, cfg.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
+    return cfg
+
+def check_pairs_fit(pairs, teacher: nn.Module, path) -> None:
+    "A `UserError` naming both values when the pairs' image shape or class labels do not fit the teacher (first and last pair checked)."
+    want = (int(teacher.img_channels), int(teacher.img_resolution), int(teacher.img_resolution))
+    if tuple(pairs.pair_shape[1:]) != want:
+        raise UserError(f'{path}: pairs of shape {"x".join(map(str, pairs.pair_shape[1:]))} do not fit the teacher, '
+                        f'which makes {"x".join(map(str, want))} images (channels x resolution x resolution)')
+    label_dim = int(getattr(teacher, 'label_dim', 0) or 0)
+    for i in sorted({0, len(pairs) - 1}):
+        c = pairs[i][2]
+        if label_dim and not 0 <= c < label_dim:
+            raise UserError(f'{path}: pair {i} has class {c}, but the teacher has label_dim={label_dim} (classes 0..{label_dim - 1})')
+
 def train_dmd(cfg: DMDConfig, log_fn=print) -> Learner:
     "Run DMD v1 training from a config."
-    if not cfg.teacher_model_path: raise ValueError('--model_path is required: the EDM teacher to distil')
-    if not cfg.data_path: raise ValueError('--data_path is required: the HDF5 pairs file (distill_dataset pairs / data.pairs.write_pairs)')
+    check_dmd_config(cfg)
     from distill_nb.data.pairs import PairsDataset
     info = init_distributed(cfg.device); cfg.device = str(info.device)
     seed_everything(cfg.seed + info.rank)
     pairs = PairsDataset(cfg.data_path)
     teacher = load_network(cfg.teacher_model_path, 'cpu')
-    if pairs.pair_shape[1:] != (teacher.img_channels, teacher.img_resolution, teacher.img_resolution):
-        raise ValueError(f'{cfg.data_path}: pairs of shape {pairs.pair_shape[1:]} do not match the teacher '
-                         f'({teacher.img_channels}x{teacher.img_resolution}x{teacher.img_resolution})')
+    check_pairs_fit(pairs, teacher, cfg.data_path)
     model = DMD2(teacher, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps,
                  sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, min_step_percent=cfg.min_step_percent,
                  max_step_percent=cfg.max_step_percent, sigma_data=cfg.sigma_data).to(get_device(cfg.device))
@@ -179,8 +227,8 @@ def train_dmd(cfg: DMDConfig, log_fn=print) -> Learner:
     if not cfg.train_iters: cfg.train_iters = cfg.epochs * iters_per_epoch(len(pairs), cfg.batch_size, info.world_size)
     fid_fn = fid_callback(cfg) if info.is_main else None
     learn = dmd_learner(model, cfg, pairs, reg, fid_fn, log_fn if info.is_main else (lambda s: None))
-    resume = cfg.checkpoint_path or ('latest' if cfg.resume and list_checkpoints(Path(cfg.output_path) / 'checkpoints') else None)
-    if resume is not None: log_fn(f'resuming from {resume}')
+    resume = cfg.checkpoint_path or ('auto' if cfg.resume else None)  # auto: the newest checkpoint if there is one, else a fresh start
+    if cfg.checkpoint_path: log_fn(f'resuming from {cfg.checkpoint_path}')
     learn.fit(cfg.train_iters, resume=resume)
     return learn
 
@@ -215,11 +263,13 @@ def dmd_train(
     max_norm: float = 10., # gradient clipping
     conditioning_sigma: float = 80., # generator input σ_g (the reference used 79.5638)
     num_train_timesteps: int = 1000, # Karras grid size for training σ
+    dm_sigma_range: str = 'dmd', # DM-loss σ: dmd (the seed's, grid indices 19..978: σ in [0.003157, 71.26]) or dmd2 (20..980)
     log_iters: int = 300, # log, grid and checkpoint every N iterations
     max_checkpoint: int = 5, # keep the newest N checkpoints
     seed: int = 42, # base seed (+rank)
     num_workers: int = 2, # data-loader workers
     resume: store_true = False, # resume from the newest checkpoint in --output_dir
+    overwrite: store_true = False, # replace a previous run in --output_dir (its checkpoints, grids, metrics)
     checkpoint_path: str = None, # resume from this checkpoint folder
     use_fp16: store_true = False, # bf16 autocast
     device: str = None, # cpu, cuda, ... (default: cuda if available)
@@ -235,8 +285,8 @@ def dmd_train(
                     train_iters=train_iters or 0, batch_size=batch_size, generator_lr=lr, guidance_lr=lr,
                     dfake_gen_update_ratio=1, warmup_step=0, dmd_loss_lambda=dmd_loss_lambda, regression_loss=regression_loss,
                     vgg_path=vgg_path, lpips_path=lpips_path, lpips_resize=lpips_resize or None, max_grad_norm=max_norm,
-                    conditioning_sigma=conditioning_sigma, num_train_timesteps=num_train_timesteps, log_iters=log_iters,
-                    max_checkpoint=max_checkpoint, seed=seed, num_workers=num_workers, resume=resume,
+                    conditioning_sigma=conditioning_sigma, num_train_timesteps=num_train_timesteps, dm_sigma_range=dm_sigma_range, log_iters=log_iters,
+                    max_checkpoint=max_checkpoint, seed=seed, num_workers=num_workers, resume=resume, overwrite=overwrite,
                     checkpoint_path=checkpoint_path, use_fp16=use_fp16, device=device, ref_path=ref_path,
                     detector_url=detector_url, fid_samples=fid_samples, wandb_project=wandb_project,
                     wandb_entity=wandb_entity, wandb_name=wandb_name)
@@ -245,6 +295,9 @@ def dmd_train(
 def dmd_train_main(argv: list[str] | None = None): # arguments (default: sys.argv[1:])
     "Console entry point of `dmd_train`: parses `dmd_train`'s flags, accepting hyphenated spellings (the reference CLI's) too."
     from fastcore.script import anno_parser
-    a = vars(anno_parser(dmd_train.__wrapped__, 'dmd_train').parse_args(normalize_argv(sys.argv[1:] if argv is None else argv)))
-    a.pop('pdb', None); a.pop('xtra', None)
-    return dmd_train(**a)
+    from distill_nb.core import run_cli
+    p = anno_parser(dmd_train.__wrapped__, 'dmd_train')
+    p.add_argument('--debug', action='store_true', help='show the full traceback of errors (also DISTILL_NB_DEBUG=1)')
+    a = vars(p.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv)))
+    a.pop('pdb', None); a.pop('xtra', None); debug = a.pop('debug')
+    run_cli(dmd_train.__wrapped__, a, 'dmd_train', debug)  # user errors: one line `dmd_train: error: ...`, exit status 2

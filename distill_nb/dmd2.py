@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_dmd2.ipynb #cd3a96b6
 from __future__ import annotations
-import contextlib, copy, math, shutil, time
+import contextlib, copy, math, os, shutil, tempfile, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
@@ -14,15 +14,16 @@ from fastcore.script import store_true
 from .core import (get_device, append_dims, as_sigma, StackedRandomGenerator, seed_everything, to_uint8,
                              atomic_write, register, store_init_kwargs, unwrap_model)
 from .schedules import karras_train_sigmas, train_index_range
-from .core import cli
+from .core import cli, UserError, check_positive, check_range, check_file
 
 # %% auto #0
 __all__ = ['DATASETS', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss', 'edm_weight', 'fake_score_loss', 'gan_gen_loss',
            'gan_disc_loss', 'LearnableGaussianDenoiser', 'ToyEDMDenoiser', 'bottleneck_shape', 'ClassifierHead',
            'classifier_head_for', 'real_score', 'shared_step_index', 'backward_simulate', 'few_step_sample', 'one_hot',
            'disable_dropout', 'frozen', 'DMD2Guidance', 'DMD2', 'memory_estimate', 'format_memory_estimate',
-           'DMD2Config', 'save_image_grid', 'rotate_checkpoints', 'dmd2_steps', 'DMD2Monitor', 'default_callbacks',
-           'dmd2_learner', 'DMDGenerator', 'display_samples', 'build_dmd2', 'fid_callback', 'train_dmd2', 'dmd2_train']
+           'DMD2Config', 'save_image_grid', 'rotate_checkpoints', 'copy_checkpoint', 'dmd2_steps', 'DMD2Monitor',
+           'default_callbacks', 'dmd2_learner', 'DMDGenerator', 'display_samples', 'check_dmd2_config',
+           'check_real_data', 'build_dmd2', 'fid_callback', 'train_dmd2', 'dmd2_train']
 
 # %% ../nbs/30_dmd2.ipynb #b0f60914
 def step_range(n: int, # grid size (`--num_train_timesteps`)
@@ -407,9 +408,10 @@ def format_memory_estimate(est: dict) -> str:
             f"(+ activations)")
 
 # %% ../nbs/30_dmd2.ipynb #bab715a9
-from .learner import Learner, TrainStep, Callback, ResumableLoader, make_optimizer, list_checkpoints, load_module_state
+from .learner import (Learner, TrainStep, Callback, ResumableLoader, make_optimizer, list_checkpoints, load_module_state,
+                                write_guard, clean_leftovers)
 from .checkpoints import save_network, load_network
-from .callbacks import MetricsLogger, WandbLogger
+from .callbacks import MetricsLogger, WandbLogger, rotate_checkpoints as _rotate
 
 # %% ../nbs/30_dmd2.ipynb #3c8ee46b
 @dataclass
@@ -427,6 +429,7 @@ class DMD2Config:
     real_image_path: str | None = None; num_workers: int = 2
     max_checkpoint: int = 200; delete_ckpts: bool = False; cache_dir: str | None = None
     checkpoint_path: str | None = None; ckpt_only_path: str | None = None; generator_ckpt_path: str | None = None; resume: bool = False
+    overwrite: bool = False  # replace a previous run in output_path (else refused unless resuming)
     use_fp16: bool = False; device: str | None = None
     ref_path: str | None = None; detector_url: str | None = None; fid_iters: int | None = None; fid_samples: int = 10000
     wandb_project: str | None = None; wandb_entity: str | None = None; wandb_name: str | None = None
@@ -446,8 +449,22 @@ def save_image_grid(rows: list[torch.Tensor], path, ncol: int | None = None):
     return img
 
 def rotate_checkpoints(folder, keep: int):
-    "Keep only the newest `keep` complete checkpoints (`step-*`) in `folder`."
-    for p in list_checkpoints(folder)[:-max(keep, 1)]: shutil.rmtree(p, ignore_errors=True)
+    "Keep only the newest `keep` complete checkpoints (`step-*`) in `folder` (the engine's `callbacks.rotate_checkpoints`: `.del-*` renames, I/O errors named)."
+    _rotate(folder, keep)
+
+def copy_checkpoint(src: Path, # a complete checkpoint folder
+                    cache_dir: str | Path, # destination parent (`--cache_dir`)
+                    keep: int): # newest copies to keep
+    "Copy a checkpoint into `cache_dir` atomically (a `.tmp-step-*` folder renamed into place) and rotate the copies."
+    cache_dir = Path(cache_dir); dst = cache_dir/src.name
+    with write_guard(dst, 'the checkpoint copy (--cache_dir)', cache_dir, exclude=dst):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f'.tmp-{src.name}-')); os.rmdir(tmp)
+        try: shutil.copytree(src, tmp)
+        except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+        if dst.exists(): old = cache_dir/f'.del-{dst.name}'; os.replace(dst, old); shutil.rmtree(old)
+        os.replace(tmp, dst)
+    rotate_checkpoints(cache_dir, keep)
 
 def _real_batch(batch, device, label_dim):
     "(images in [-1,1], one-hot labels) from an LMDB batch, or (None, None)."
@@ -502,8 +519,10 @@ class DMD2Monitor(Callback):
         self.vis_y = torch.arange(cfg.grid_samples) % max(model.label_dim, 1)
         self.history = []
 
+    def run_outputs(self, learn) -> list[str]: return ['grids']
     def before_fit(self, learn):
         self.t0, self.n0 = time.time(), learn.step
+        if learn.is_main and self.cfg.cache_dir: clean_leftovers(self.cfg.cache_dir)
         if learn.is_main: self.log_fn(format_memory_estimate(memory_estimate(self.model)))
 
     @torch.no_grad()
@@ -516,7 +535,8 @@ class DMD2Monitor(Callback):
             x = few_step_sample(m.generator, z, y, m.student_sigmas)
             s = torch.full((z.shape[0],), 2.5, device=dev); x_t = x + 2.5 * torch.randn_like(x)
             rows = [x, m.real(x_t, s, y), m.fake(x_t, s, y)]
-        img = save_image_grid(rows, Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png')
+        f = Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png'
+        with write_guard(f, 'the image grid', Path(self.cfg.output_path) / 'checkpoints'): img = save_image_grid(rows, f)
         learn.images['samples_real_fake'] = img
 
     def save_files(self, folder):
@@ -540,10 +560,7 @@ class DMD2Monitor(Callback):
             learn.save_checkpoint(path)  # collective
             if learn.is_main:
                 rotate_checkpoints(path.parent, 1 if cfg.delete_ckpts else cfg.max_checkpoint)
-                if cfg.cache_dir:
-                    dst = Path(cfg.cache_dir) / path.name
-                    if dst.exists(): shutil.rmtree(dst)
-                    shutil.copytree(path, dst); rotate_checkpoints(cfg.cache_dir, cfg.max_checkpoint)
+                if cfg.cache_dir: copy_checkpoint(path, cfg.cache_dir, cfg.max_checkpoint)
         if self.fid_fn is not None and learn.is_main and step % (cfg.fid_iters or cfg.log_iters) == 0:
             fid = float(self.fid_fn(self.model)); learn.log(fid=fid); logs['fid'] = fid; self.log_fn(f'step {step}: FID {fid:.3f}')
 
@@ -561,7 +578,8 @@ def dmd2_learner(model: DMD2, cfg: DMD2Config, real_dataset=None, fid_fn=None, l
     dcbs = default_callbacks(model, cfg, fid_fn, log_fn); mon = dcbs[0]
     learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, cfg), dl,
                     cbs=dcbs + list(cbs or []), device=cfg.device, amp='bf16' if cfg.use_fp16 else None,
-                    run_dir=cfg.output_path, config=asdict(cfg), batch_size=cfg.batch_size,
+                    run_dir=cfg.output_path, config={k: v for k, v in asdict(cfg).items() if k != 'overwrite'}, batch_size=cfg.batch_size,
+                    overwrite=cfg.overwrite,
                     ddp_kwargs={'find_unused_parameters': True})  # EDM nets carry unused params (map_augment)
     learn.monitor = mon
     return learn
@@ -614,21 +632,55 @@ def display_samples(images: torch.Tensor, # [-1, 1] images
 # %% ../nbs/30_dmd2.ipynb #bd1f6ba4
 DATASETS = {'cifar10': (32, 10), 'cifar10-vp': (32, 10), 'imagenet': (64, 1000)}
 
+def _int_flag(flag: str, v, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int): raise UserError(f'{flag}: expected an integer, got {v!r}')
+    return check_positive(flag, v, allow_zero)
+
+def check_dmd2_config(cfg: DMD2Config) -> DMD2Config:
+    "Flag checks of a DMD2 run (named as on the command line): a `UserError` before anything is loaded or written."
+    for f in ('batch_size', 'train_iters', 'log_iters', 'dfake_gen_update_ratio', 'num_train_timesteps', 'cls_hidden_channels',
+              'max_checkpoint', 'fid_samples', 'grid_samples'): _int_flag(f'--{f}', getattr(cfg, f))
+    for f in ('warmup_step', 'num_workers', 'diffusion_gan_max_timestep'): _int_flag(f'--{f}', getattr(cfg, f), allow_zero=True)
+    if cfg.fid_iters is not None: _int_flag('--fid_iters', cfg.fid_iters)
+    for f in ('generator_lr', 'guidance_lr', 'sigma_min', 'sigma_max', 'sigma_data', 'rho', 'conditioning_sigma'): check_positive(f'--{f}', getattr(cfg, f))
+    for f in ('max_grad_norm', 'guidance_scale', 'gen_cls_loss_weight', 'cls_loss_weight'): check_positive(f'--{f}', getattr(cfg, f), allow_zero=True)
+    if cfg.gan_grad_ratio is not None: check_positive('--gan_grad_ratio', cfg.gan_grad_ratio, allow_zero=True)
+    if cfg.label_dim is not None: _int_flag('--label_dim', cfg.label_dim, allow_zero=True)
+    check_range('--min_step_percent', cfg.min_step_percent, 0, 1, 'a fraction'); check_range('--max_step_percent', cfg.max_step_percent, 0, 1, 'a fraction')
+    if cfg.min_step_percent >= cfg.max_step_percent:
+        raise UserError(f'--min_step_percent {cfg.min_step_percent} must be below --max_step_percent {cfg.max_step_percent}')
+    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
+    check_range('--diffusion_gan_max_timestep', cfg.diffusion_gan_max_timestep, 0, cfg.num_train_timesteps, 'a grid index')
+    ss = cfg.student_sigmas
+    if ss is not None and (not ss or any(not s > 0 for s in ss) or any(a <= b for a, b in zip(ss, ss[1:]))):
+        raise UserError(f'--student_sigmas: expected a decreasing list of positive noise levels, e.g. 80,1.5; got {ss}')
+    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
+    return cfg
+
+def check_real_data(real, model: DMD2, path: str): # the real-image dataset, the model, its --real_image_path
+    "A real-image dataset that fits the teacher: same image shape, labels within the teacher's classes; else a `UserError` naming both."
+    want = (model.img_channels, model.img_resolution, model.img_resolution)
+    if tuple(real.image_shape) != want:
+        raise UserError(f'--real_image_path {path}: images are {"x".join(map(str, real.image_shape))}, '
+                        f'but the teacher makes {"x".join(map(str, want))} images')
+    if model.label_dim and real.label_dim > model.label_dim:
+        raise UserError(f'--real_image_path {path}: labels span {real.label_dim} classes, but the teacher has label_dim {model.label_dim}')
+
 def build_dmd2(cfg: DMD2Config, initialize_generator: bool = True) -> DMD2:
     "Teacher, generator and DMD2 model from a config."
-    if not cfg.teacher_model_path: raise ValueError('--teacher_model_path (or --model_id) is required: the EDM teacher to distil')
+    if not cfg.teacher_model_path: raise UserError('--teacher_model_path (or --model_id) is required: the EDM teacher to distil')
     teacher = load_network(cfg.teacher_model_path, 'cpu')
     ld = int(getattr(teacher, 'label_dim', 0) or 0)
     if cfg.label_dim is not None and cfg.label_dim != ld:
-        raise ValueError(f'--label_dim {cfg.label_dim} does not match the teacher {cfg.teacher_model_path} (label_dim {ld})')
+        raise UserError(f'--label_dim {cfg.label_dim} does not match the teacher {cfg.teacher_model_path} (label_dim {ld})')
     generator = None
     if cfg.consistency_model_path:
         generator = load_network(cfg.consistency_model_path, 'cpu')
         if (generator.img_resolution, generator.img_channels) != (teacher.img_resolution, teacher.img_channels):
-            raise ValueError(f'--consistency_model_path {cfg.consistency_model_path}: {generator.img_channels}x{generator.img_resolution}px, '
+            raise UserError(f'--consistency_model_path {cfg.consistency_model_path}: {generator.img_channels}x{generator.img_resolution}px, '
                              f'but the teacher is {teacher.img_channels}x{teacher.img_resolution}px')
     elif not initialize_generator and not cfg.generator_ckpt_path:
-        raise ValueError('the generator must be initialised from the teacher: pass --initialie_generator (or --initialize_generator), '
+        raise UserError('the generator must be initialised from the teacher: pass --initialie_generator (or --initialize_generator), '
                          'or give --consistency_model_path / --generator_ckpt_path')
     return DMD2(teacher, generator, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps,
                 sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, min_step_percent=cfg.min_step_percent,
@@ -656,30 +708,43 @@ def fid_callback(cfg: DMD2Config):
 def train_dmd2(cfg: DMD2Config, initialize_generator: bool = True, log_fn=print) -> Learner:
     "Run DMD2 training from a config (the plain, tested function behind `dmd2_train`)."
     from distill_nb.learner import init_distributed
+    check_dmd2_config(cfg)
     info = init_distributed(cfg.device)
     cfg.device = str(info.device)
     seed_everything(cfg.seed + info.rank)
     model = build_dmd2(cfg, initialize_generator)
     real = None
     if cfg.gan_classifier:
-        if not cfg.real_image_path: raise ValueError('--gan_classifier needs --real_image_path (an LMDB in DMD2 layout)')
+        if not cfg.real_image_path: raise UserError('--gan_classifier needs --real_image_path (an LMDB in DMD2 layout)')
         from distill_nb.data.lmdb_dataset import LMDBDataset
-        real = LMDBDataset(cfg.real_image_path)
+        real = LMDBDataset(cfg.real_image_path); check_real_data(real, model, cfg.real_image_path)
     fid_fn = fid_callback(cfg) if info.is_main else None
     learn = dmd2_learner(model, cfg, real, fid_fn, log_fn if info.is_main else (lambda s: None))
-    resume = cfg.checkpoint_path or ('latest' if cfg.resume and list_checkpoints(Path(cfg.output_path) / 'checkpoints') else None)
+    has_ckpt = bool(list_checkpoints(Path(cfg.output_path) / 'checkpoints'))
+    resume = cfg.checkpoint_path or ('auto' if cfg.resume else None)  # --resume: the newest checkpoint if any, else a fresh start
     if resume is None and cfg.ckpt_only_path:
         p = Path(cfg.ckpt_only_path)
+        check_file(p / 'generator.safetensors', '--ckpt_only_path', 'a checkpoint folder step-N holding generator.safetensors')
+        try: step = int(p.name.split('-')[-1].split('_')[-1])
+        except ValueError: raise UserError(f'--ckpt_only_path {p}: expected a folder named step-N (N = the step to restart from)') from None
         load_module_state(model.generator, p / 'generator.safetensors'); load_module_state(model.guidance, p / 'guidance.safetensors', strict=False)
-        learn.step = int(p.name.split('-')[-1].split('_')[-1]); log_fn(f'weights from {p} (fresh optimisers), starting at step {learn.step}')
+        learn.step = step; log_fn(f'weights from {p} (fresh optimisers), starting at step {learn.step}')
     elif resume is None and cfg.generator_ckpt_path:
         p = Path(cfg.generator_ckpt_path); p = p / 'generator.safetensors' if p.is_dir() else p
-        load_module_state(model.generator, p); log_fn(f'generator initialised from {p}')
-    if resume is not None: log_fn(f'resuming from {resume}')
+        load_module_state(model.generator, check_file(p, '--generator_ckpt_path', 'a generator .safetensors or a checkpoint folder'))
+        log_fn(f'generator initialised from {p}')
+    if cfg.checkpoint_path or (cfg.resume and has_ckpt): log_fn(f"resuming from {cfg.checkpoint_path or 'latest'}")
+    elif cfg.resume: log_fn(f"no checkpoint in {Path(cfg.output_path) / 'checkpoints'}: starting afresh")
     learn.fit(cfg.train_iters, resume=resume)
     return learn
 
 # %% ../nbs/30_dmd2.ipynb #aa23741c
+def _sigma_list(s: str | None) -> list[float] | None:
+    "`--student_sigmas '80,1.5'` as floats."
+    if not s: return None
+    try: return [float(v) for v in s.split(',')]
+    except ValueError: raise UserError(f'--student_sigmas: expected comma-separated numbers, e.g. 80,1.5; got {s!r}') from None
+
 @cli
 def dmd2_train(
     teacher_model_path: str = None, # EDM teacher: EDM .pkl (path/URL) or distill_nb .safetensors
@@ -725,6 +790,7 @@ def dmd2_train(
     ckpt_only_path: str = None, # load network weights only (fresh optimisers)
     generator_ckpt_path: str = None, # load the generator only (checkpoint folder or .safetensors)
     resume: store_true = False, # resume from the newest checkpoint in --output_path
+    overwrite: store_true = False, # replace a previous run in --output_path (its checkpoints, metrics and grids)
     use_fp16: store_true = False, # bf16 autocast (DMD2's --use_fp16 meant bf16)
     device: str = None, # cpu, cuda, ... (default: cuda if available)
     ref_path: str = None, # FID reference statistics (.npz); FID is on with --detector_url
@@ -736,7 +802,7 @@ def dmd2_train(
     wandb_name: str = None, # W&B run name
 ):
     "Distil an EDM teacher into a one-step generator with DMD2 (Yin et al. 2024)."
-    if dataset_name not in DATASETS: raise ValueError(f'--dataset_name: expected one of {sorted(DATASETS)}, got {dataset_name!r}')
+    if dataset_name not in DATASETS: raise UserError(f'--dataset_name: expected one of {sorted(DATASETS)}, got {dataset_name!r}')
     cfg = DMD2Config(teacher_model_path=teacher_model_path or model_id, consistency_model_path=consistency_model_path,
                      output_path=output_path, batch_size=batch_size, train_iters=train_iters, log_iters=log_iters, seed=seed,
                      generator_lr=generator_lr, guidance_lr=guidance_lr, dfake_gen_update_ratio=dfake_gen_update_ratio,
@@ -746,12 +812,13 @@ def dmd2_train(
                      guidance_scale=guidance_scale, gan_classifier=gan_classifier, gen_cls_loss_weight=gen_cls_loss_weight,
                      cls_loss_weight=cls_loss_weight, cls_hidden_channels=cls_hidden_channels, diffusion_gan=diffusion_gan,
                      diffusion_gan_max_timestep=diffusion_gan_max_timestep, gan_grad_ratio=gan_grad_ratio,
-                     student_sigmas=[float(s) for s in student_sigmas.split(',')] if student_sigmas else None,
+                     student_sigmas=_sigma_list(student_sigmas),
                      real_image_path=real_image_path, num_workers=num_workers, max_checkpoint=max_checkpoint,
                      delete_ckpts=delete_ckpts, cache_dir=cache_dir, checkpoint_path=checkpoint_path, ckpt_only_path=ckpt_only_path,
-                     generator_ckpt_path=generator_ckpt_path, resume=resume, use_fp16=use_fp16, device=device, ref_path=ref_path,
+                     generator_ckpt_path=generator_ckpt_path, resume=resume, overwrite=overwrite, use_fp16=use_fp16, device=device, ref_path=ref_path,
                      detector_url=detector_url, fid_iters=fid_iters, fid_samples=fid_samples, wandb_project=wandb_project,
                      wandb_entity=wandb_entity, wandb_name=wandb_name)
+    check_dmd2_config(cfg)  # before the teacher is read
     res, ld = DATASETS[dataset_name]
     if cfg.teacher_model_path and Path(str(cfg.teacher_model_path)).is_file():
         t = load_network(cfg.teacher_model_path, 'cpu')

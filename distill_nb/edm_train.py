@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fastcore.script import Param, store_true
-from .core import seed_everything, from_uint8, in_test
-from .learner import (Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, save_module)
+from .core import seed_everything, from_uint8, in_test, UserError, check_positive, check_range, check_divisible
+from .learner import (Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, save_module, write_guard)
 from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, SampleGrid
 from .precond import EDMPrecond
 import distill_nb.networks  # registers SongUNet / DhariwalUNet
 from .samplers import generate_images
-from .toydata import ToyShapes
+from .toydata import ToyShapes, TOY_CLASSES
 from .core import cli
 
 # %% auto #0
@@ -74,8 +74,31 @@ def edm_dataset(data: str = 'toy', # 'toy' or a dataset path (EDM zip/folder, im
 
 # %% ../nbs/22_edm_train.ipynb #2523b7f3
 def _duration(steps, kimg, batch) -> int:
-    if (steps is None) == (kimg is None): raise ValueError('give exactly one of --steps or --kimg')
-    return int(steps) if steps is not None else max(1, math.ceil(kimg * 1000 / batch))
+    if (steps is None) == (kimg is None): raise UserError('give exactly one of --steps or --kimg')
+    if steps is not None: return _int_flag('--steps', steps)
+    return max(1, math.ceil(check_positive('--kimg', kimg) * 1000 / batch))
+
+def _int_flag(flag: str, v, allow_zero: bool = False) -> int:
+    "`v` if it is a positive (or non-negative) integer, else a `UserError` naming `flag`."
+    if isinstance(v, bool) or not isinstance(v, int): raise UserError(f'{flag}: expected an integer, got {v!r}')
+    return check_positive(flag, v, allow_zero)
+
+def _check_edm_args(a: dict, world_size: int):
+    "Flag checks of `train_edm` (named as on the command line): a `UserError` before anything is built or written."
+    for f, k in (('--batch', 'batch'), ('--ckpt_every', 'ckpt_every'), ('--log_every', 'log_every'), ('--n_samples', 'n_samples'),
+                 ('--sample_steps', 'sample_steps')): _int_flag(f, a[k])
+    for f, k in (('--sample_every', 'sample_every'), ('--workers', 'num_workers')): _int_flag(f, a[k], allow_zero=True)
+    if a['data'] == 'toy':
+        _int_flag('--toy_n', a['toy_n']); check_range('--resolution', _int_flag('--resolution', a['resolution']), 4, None, 'a resolution')
+        check_range('--toy_classes', a['toy_classes'], 1, len(TOY_CLASSES), 'a number of classes')
+    if a['max_keep'] is not None: check_positive('--max_keep', a['max_keep'])
+    check_positive('--lr', a['lr']); check_positive('--lr_rampup_kimg', a['lr_rampup_kimg'], allow_zero=True)
+    check_positive('--ema', a['ema_halflife_kimg'], allow_zero=True)
+    if a['ema_rampup_ratio'] is not None: check_range('--ema_rampup', a['ema_rampup_ratio'], 0, 1, 'a ratio')
+    if a['dropout'] is not None: check_range('--dropout', a['dropout'], 0, 1, 'a probability')
+    check_range('--label_dropout', a['label_dropout'], 0, 1, 'a probability')
+    check_positive('--sigma_data', a['sigma_data']); check_positive('--P_std', a['P_std'])
+    check_divisible('--batch', a['batch'], world_size, 'the number of processes')
 
 def _edm_sample_fn(ema: EMA | None, num_steps: int):
     def sample(learn, seeds):
@@ -104,6 +127,7 @@ def train_edm(run_dir: str | Path = 'runs/edm', # run folder: config, metrics, s
               P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, # EDM loss
               ckpt_every: int = 500, max_keep: int | None = 3, delete_ckpts: bool = False, # checkpoints
               resume: str | None = None, # checkpoint folder, 'latest' or 'auto'
+              overwrite: bool = False, # replace a previous run in `run_dir` (else refused unless resuming)
               log_every: int = 10, sample_every: int = 500, sample_steps: int = 18, n_samples: int = 16, # logging, grids
               device: str | None = None, seed: int = 0, amp: str | None = 'auto', compile: bool = False, num_workers: int = 0,
               wandb: str = 'disabled', wandb_project: str = 'distill_nb', # wandb mode: online/offline/disabled
@@ -111,7 +135,7 @@ def train_edm(run_dir: str | Path = 'runs/edm', # run folder: config, metrics, s
     "Train an EDM denoiser (Karras et al. 2022) on the Learner; returns the learner."
     cfg = {k: v for k, v in locals().items()}
     info = init_distributed(device)
-    if batch % info.world_size: raise ValueError(f'--batch {batch} is not divisible by the number of processes {info.world_size}')
+    _check_edm_args(cfg, info.world_size)
     n_steps = _duration(steps, kimg, batch)
     seed_everything(seed * 1000 + info.rank)  # different noise per rank; DDP syncs the weights
     ds = edm_dataset(data, resolution, toy_n, toy_classes, seed)
@@ -129,13 +153,16 @@ def train_edm(run_dir: str | Path = 'runs/edm', # run folder: config, metrics, s
     if progress: cbs.append(ProgressCB(log_every))
     cfg.update(world_size=info.world_size, img_shape=list(ds.image_shape), label_dim=label_dim, n_steps=n_steps,
                network=net.init_kwargs, dataset_len=len(ds))
-    cfg.pop('resume'); cfg.pop('progress')
+    cfg.pop('resume'); cfg.pop('progress'); cfg.pop('overwrite')
+    final = Path(run_dir)/'network-final.safetensors'
     learn = Learner({'net': net}, [step], ResumableLoader(ds, bs, seed=seed, num_workers=num_workers), cbs, device=info.device,
-                    amp=amp, compile=compile, run_dir=run_dir, config=cfg)
+                    amp=amp, compile=compile, run_dir=run_dir, config=cfg, overwrite=overwrite, outputs=[final.name])
     learn.ema = ema
     learn.fit(n_steps, resume=resume)
-    if learn.is_main: save_module(ema.module(), Path(run_dir)/'network-final.safetensors',
-                                  meta={'sampler': {'kind': 'edm'}, 'provenance': {**learn.provenance(), 'step': learn.step, 'ema_halflife_kimg': ema_halflife_kimg}})
+    if learn.is_main:
+        with write_guard(final, 'the final network', Path(run_dir)/'checkpoints'):
+            save_module(ema.module(), final, meta={'sampler': {'kind': 'edm'},
+                                                   'provenance': {**learn.provenance(), 'step': learn.step, 'ema_halflife_kimg': ema_halflife_kimg}})
     return learn
 
 # %% ../nbs/22_edm_train.ipynb #8d56b061
@@ -164,6 +191,7 @@ def edm_train(
     max_keep: int = 3, # Checkpoints to keep (0 = all)
     delete_ckpts: store_true = False, # Keep only the latest checkpoint
     resume: str = None, # Checkpoint folder, 'latest', or 'auto' (latest if any, else start fresh)
+    overwrite: store_true = False, # Replace a previous run in --run_dir (its checkpoints, metrics, samples and final network)
     log_every: int = 10, # Iterations per metrics record
     sample_every: int = 500, # Iterations between sample grids (0 = never)
     device: str = None, # cpu, cuda, cuda:1 [default: cuda if available]
@@ -177,7 +205,8 @@ def edm_train(
 ):
     "Train an EDM teacher (Karras et al. 2022) on a dataset or the procedural toy dataset."
     if steps is None and kimg is None: steps = 1000
+    check_positive('--max_keep', max_keep, allow_zero=True)  # 0 = keep all
     train_edm(run_dir, data, resolution, toy_n, toy_classes, not uncond, arch, dropout, label_dropout, batch, lr, lr_rampup_kimg,
               steps, kimg, ema, ema_rampup or None, ckpt_every=ckpt_every, max_keep=max_keep or None, delete_ckpts=delete_ckpts,
-              resume=resume, log_every=log_every, sample_every=sample_every, device=device, seed=seed, amp=None if no_amp else 'auto',
+              resume=resume, overwrite=overwrite, log_every=log_every, sample_every=sample_every, device=device, seed=seed, amp=None if no_amp else 'auto',
               compile=compile, num_workers=workers, wandb=wandb, wandb_project=wandb_project, progress=not no_progress)

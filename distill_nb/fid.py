@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, urllib.parse
 from pathlib import Path
 from fastcore.script import store_true
-from .core import atomic_write, to_jsonable
+from .core import atomic_write, to_jsonable, UserError, check_positive, check_file
 from .weights import WEIGHTS, resolve_weights
 from .metrics import compute_metrics, compute_ref_stats, load_detector, _inception_advice
 from .core import cli
@@ -22,7 +22,7 @@ def resolve_detector_arg(detector: str | None = None, # --detector: local path
                          ) -> str | None:
     "Local detector path from the `--detector`/`--detector_url` flags (None: the registry default)."
     if detector and detector_url and detector != detector_url:
-        raise ValueError(f'--detector {detector!r} and --detector_url {detector_url!r} disagree; pass one of them')
+        raise UserError(f'--detector {detector!r} and --detector_url {detector_url!r} disagree; pass one of them')
     v = detector or detector_url
     if v is None: return None
     u = urllib.parse.urlparse(str(v))
@@ -31,13 +31,23 @@ def resolve_detector_arg(detector: str | None = None, # --detector: local path
     for e in WEIGHTS.values():
         if e.url == v:
             if e.filename.endswith('.pkl'):
-                raise ValueError(f'--detector_url {v}: this is the StyleGAN3/EDM detector pickle; unpickling it runs code stored in the file, '
+                raise UserError(f'--detector_url {v}: this is the StyleGAN3/EDM detector pickle; unpickling it runs code stored in the file, '
                                  f'which distill_nb never does. ' + _inception_advice())
             return str(resolve_weights(e.name, download=download))
-    raise ValueError(f'--detector_url {v}: not a registered weights URL (see distill_nb.weights.WEIGHTS); download the file yourself '
+    raise UserError(f'--detector_url {v}: not a registered weights URL (see distill_nb.weights.WEIGHTS); download the file yourself '
                      f'and pass --detector /path/to/file')
 
 # %% ../nbs/17_fid_cli.ipynb #ce7a10f9
+def _check_dest(path, flag: str, overwrite: bool):
+    "Refuse an output that exists (unless `overwrite`), is a folder, or lies inside a regular file, before any work."
+    p = Path(path)
+    if p.is_dir(): raise UserError(f'{p}: {flag} is a folder, expected a file name')
+    if p.exists() and not overwrite: raise UserError(f'{p}: {flag} exists; pass --overwrite to replace it')
+    for q in p.parents:
+        if q.exists():
+            if not q.is_dir(): raise UserError(f'{p}: {flag} lies inside {q}, which is a file, not a folder')
+            break
+
 def _report(res: dict, out: str | Path | None) -> dict:
     res = to_jsonable(res)
     print(json.dumps(res, indent=2))
@@ -54,8 +64,13 @@ def fid_ref(data: str, # dataset folder or zip
             device: str = 'cpu', # where the detector runs
             download: bool = False, # allow downloading the registry's Inception weights
             out: str | None = None, # also write the printed summary here (JSON)
+            overwrite: bool = False, # replace an existing `dest`
             ) -> dict:
     "Compute reference statistics of a dataset and write them in EDM's npz format; prints the protocol."
+    _check_dest(dest, '--dest', overwrite)
+    if out is not None: _check_dest(out, '--out', True)
+    check_positive('--batch', batch)
+    if num is not None: check_positive('--num', num)
     det = load_detector(detector, device, download=download)
     r = compute_ref_stats(data, dest, det, batch_size=batch, num=num, keep_features=keep_features)
     return _report({'ref': str(dest), 'sha256': r['sha256'], **r['meta']}, out)
@@ -73,6 +88,9 @@ def fid_calc(images: str, # folder or zip of generated images
              fid_method: str = 'sqrtm', # 'sqrtm' (EDM's scipy.linalg.sqrtm) or 'eigh' (faster, same value up to round-off)
              ) -> dict:
     "Compute FID (and optionally IS/KID/PR) of an image folder against reference statistics; prints result and protocol."
+    if out is not None: _check_dest(out, '--out', True)
+    check_positive('--batch', batch); check_positive('--num', num)
+    if fid_method not in ('sqrtm', 'eigh'): raise UserError(f"--fid_method: expected 'sqrtm' or 'eigh', got {fid_method!r}")
     ms = tuple(m.strip() for m in str(metrics).split(',') if m.strip())
     det = load_detector(detector, device, download=download)
     res = compute_metrics(images, ref, det, metrics=ms, num=num, batch_size=batch, seed=seed, fid_method=fid_method)
@@ -96,14 +114,17 @@ def distill_fid(cmd: str, # sub-command: 'ref' (dataset statistics) or 'calc' (s
                 download: store_true = False, # allow downloading registered weights
                 out: str = None, # also write the printed JSON here
                 fid_method: str = 'sqrtm', # calc: 'sqrtm' (EDM) or 'eigh' (faster, same value up to round-off)
+                overwrite: store_true = False, # ref: replace an existing --dest
                 ):
     "Compute FID/IS/KID/PR (EDM fid.py-style `ref` and `calc`) with the protocol recorded."
+    if cmd not in ('ref', 'calc'): raise UserError(f"distill_fid: unknown command {cmd!r}; expected 'ref' or 'calc'")
     det = resolve_detector_arg(detector, detector_url, download)
     if cmd == 'ref':
-        if not data or not dest: raise ValueError('distill_fid ref: --data and --dest are required')
-        fid_ref(data, dest, det, batch=batch, num=num, keep_features=keep_features, device=device, download=download, out=out)
+        if not data or not dest: raise UserError('distill_fid ref: --data and --dest are required')
+        fid_ref(data, dest, det, batch=batch, num=num, keep_features=keep_features, device=device, download=download, out=out,
+                overwrite=overwrite)
     elif cmd == 'calc':
-        if not images or not ref: raise ValueError('distill_fid calc: --images and --ref are required')
+        if not images or not ref: raise UserError('distill_fid calc: --images and --ref are required')
         fid_calc(images, ref, num=50000 if num is None else num, seed=seed, detector=det, metrics=metrics, batch=batch,
                  device=device, download=download, out=out, fid_method=fid_method)
-    else: raise ValueError(f"distill_fid: unknown command {cmd!r}; expected 'ref' or 'calc'")
+    else: raise UserError(f"distill_fid: unknown command {cmd!r}; expected 'ref' or 'calc'")

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.script import Param, store_true
-from .core import seed_everything, in_test, unwrap_model
+from .core import seed_everything, in_test, unwrap_model, UserError, check_positive, check_divisible
 from .networks import UNetBlock
 from .precond import EDMPrecond, ConsistencyPrecond
 from .samplers import one_step_sample, generate_images
 from .checkpoints import load_network, save_network
-from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed
+from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, write_guard
 from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, MetricCallback
 from .projected_d import ProjectedDiscriminator
 from .toydata import ToyShapes
@@ -24,8 +24,9 @@ from .core import cli
 # %% auto #0
 __all__ = ['GDD_FREEZE_RULES', 'GDD_PRESETS', 'gdd_generator', 'freeze_rule', 'frozen_parameter_names', 'apply_freeze',
            'freeze_table', 'tiny_gdd_teacher', 'gan_g_loss', 'gan_d_loss', 'd_score', 'r1_penalty',
-           'r1_gamma_equivalent', 'lazy_adam_kwargs', 'sanitize_grads', 'gdd_steps', 'gdd_config', 'gdd_dataset',
-           'one_step_fp32', 'fp32_copy', 'gdd_fid_fn', 'train_gdd', 'toy_sample_distance', 'gdd_train']
+           'r1_gamma_equivalent', 'lazy_adam_kwargs', 'adam_eps_equivalent', 'gdd_optimizers', 'sanitize_grads',
+           'gdd_steps', 'gdd_ref_batch_per_gpu', 'gdd_config', 'gdd_dataset', 'one_step_fp32', 'fp32_copy',
+           'gdd_fid_fn', 'check_gdd_settings', 'train_gdd', 'toy_sample_distance', 'gdd_train']
 
 # %% ../nbs/50_gdd.ipynb #30b2d454
 _PRECOND_KEYS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data',
@@ -39,9 +40,9 @@ def gdd_generator(teacher: nn.Module, # EDM teacher (`EDMPrecond` or `Consistenc
     "GDD's one-step generator initialised from the teacher: dropout 0, augment_dim 0, weights copied by name (Zheng & Yang 2024)."
     teacher = unwrap_model(teacher)
     if type(teacher).__name__ not in ('EDMPrecond', 'ConsistencyPrecond') or not hasattr(teacher, 'init_kwargs'):
-        raise ValueError(f'--teacher: GDD needs an EDM-preconditioned teacher (EDMPrecond), got {type(teacher).__name__}')
+        raise UserError(f'--teacher: GDD needs an EDM-preconditioned teacher (EDMPrecond), got {type(teacher).__name__}')
     if type(teacher).__name__ == 'ConsistencyPrecond' and teacher.init_kwargs.get('c_noise_scale', 0.25) != 0.25:
-        raise ValueError('--teacher: a ConsistencyPrecond with c_noise_scale != 0.25 has a different noise embedding than EDM')
+        raise UserError('--teacher: a ConsistencyPrecond with c_noise_scale != 0.25 has a different noise embedding than EDM')
     kw = teacher.init_kwargs
     backbone = {k: v for k, v in kw.items() if k not in _PRECOND_KEYS}
     backbone.update(dropout=0.0, augment_dim=0)
@@ -67,7 +68,7 @@ GDD_FREEZE_RULES = {
 
 def freeze_rule(level: int) -> str:
     "The GDD-I freezing rule of `level` in words."
-    if level not in GDD_FREEZE_RULES: raise ValueError(f'--freeze: expected one of {sorted(GDD_FREEZE_RULES)}, got {level}')
+    if level not in GDD_FREEZE_RULES: raise UserError(f'--freeze: expected one of {sorted(GDD_FREEZE_RULES)}, got {level}')
     if level == 0: return 'freeze 0: nothing frozen (GDD)'
     return f'freeze {level}: in every UNetBlock freeze {", ".join(GDD_FREEZE_RULES[level])}; train everything else'
 
@@ -158,16 +159,30 @@ def r1_gamma_equivalent(gamma_ref: float = 1e-4, # the reference's γ
                         batch_per_gpu: int = 64) -> float: # the reference run's per-GPU batch
     "γ in this module's mean convention giving the reference's R1-to-GAN ratio: γ_ref·M²/B_gpu."
     ms = [logits_per_backbone] if isinstance(logits_per_backbone, int) else list(logits_per_backbone)
-    if len(set(ms)) != 1: raise ValueError(f'r1_gamma_equivalent: backbones give different logit counts {ms}; pass --r1_gamma explicitly')
+    if len(set(ms)) != 1: raise UserError(f'r1_gamma_equivalent: backbones give different logit counts {ms}; pass --r1_gamma explicitly')
     return gamma_ref * ms[0] ** 2 / batch_per_gpu
 
 # %% ../nbs/50_gdd.ipynb #aa793b4f
 def lazy_adam_kwargs(lr: float, # nominal learning rate
                      betas=(0.0, 0.99), # nominal Adam betas
-                     interval: int | None = 16) -> dict: # lazy-regularisation interval k (None/0: no correction)
+                     interval: int | None = 16, # lazy-regularisation interval k (None/0: no correction)
+                     eps: float = 1e-8) -> dict: # Adam ε (see `adam_eps_equivalent`)
     "Adam lr/betas with the lazy-regularisation correction c = k/(k+1): lr·c, β^c (Karras et al. 2020, StyleGAN2)."
     c = interval / (interval + 1) if interval else 1.0
-    return dict(lr=lr * c, betas=(betas[0] ** c, betas[1] ** c), eps=1e-8)
+    return dict(lr=lr * c, betas=(betas[0] ** c, betas[1] ** c), eps=eps)
+
+def adam_eps_equivalent(eps_ref: float = 1e-8, # the reference's Adam ε
+                        batch_per_gpu: int = 64) -> float: # the reference run's per-GPU batch
+    "Adam ε in the mean convention giving the reference's updates: ε_ref/B_gpu (its summed losses have B_gpu× our gradients)."
+    return eps_ref / batch_per_gpu
+
+def gdd_optimizers(g_params, d_params, # trainable parameters of G and of D's heads
+                   g_lr: float, d_lr: float, # nominal learning rates
+                   r1_every: int | None = 16, # lazy R1 interval (None/0: no lazy correction of D's Adam)
+                   eps: float = 1e-8) -> tuple: # Adam ε of both (the presets: `adam_eps_equivalent`)
+    "GDD's Adam optimisers: G with betas (0, 0.99); D with the lazy-R1 corrected lr and betas (Zheng & Yang 2024)."
+    return (make_optimizer(g_params, g_lr, betas=(0.0, 0.99), eps=eps),
+            make_optimizer(d_params, **lazy_adam_kwargs(d_lr, interval=r1_every, eps=eps)))
 
 def sanitize_grads(module: nn.Module, nan: float = 0., posinf: float = 1e5, neginf: float = -1e5) -> list:
     "Register hooks that pass every trainable parameter's gradient through `nan_to_num` (as GDD); returns the handles."
@@ -192,11 +207,12 @@ def gdd_steps(G: nn.Module, # generator (ConsistencyPrecond), possibly frozen by
               sigma_g: float = 80., # generator noise level
               r1_gamma: float = 6.4e-3, # R1 weight (mean convention; 0 disables R1)
               r1_every: int = 16, # lazy R1 interval
-              cond: bool = False) -> list[TrainStep]: # use the real batch's labels
+              cond: bool = False, # use the real batch's labels
+              adam_eps: float = 1e-8) -> list[TrainStep]: # Adam ε (presets: `adam_eps_equivalent`, the reference's dynamics)
     "The G, D and lazy-R1 `TrainStep`s of GDD (Zheng & Yang 2024)."
     label_dim = G.label_dim if cond else 0
-    g_opt = make_optimizer([p for p in G.parameters() if p.requires_grad], g_lr, betas=(0.0, 0.99), eps=1e-8)
-    d_opt = make_optimizer(D.heads.parameters(), **lazy_adam_kwargs(d_lr, interval=r1_every if r1_gamma > 0 else 0))
+    g_opt, d_opt = gdd_optimizers([p for p in G.parameters() if p.requires_grad], D.heads.parameters(), g_lr, d_lr,
+                                  r1_every if r1_gamma > 0 else 0, adam_eps)
 
     def g_loss(learn, batch):
         x, y = batch; c = _onehot(y, label_dim)
@@ -224,7 +240,7 @@ def gdd_steps(G: nn.Module, # generator (ConsistencyPrecond), possibly frozen by
 # %% ../nbs/50_gdd.ipynb #1208a487
 _EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
 _DEIT_EFF, _VGG_EFF = 'deit_base_distilled_patch16_224,tf_efficientnet_lite0', 'vgg16_bn,tf_efficientnet_lite0'
-_REAL = dict(r1_gamma_ref=1e-4, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=224, max_head_channels=None, cout=64,
+_REAL = dict(r1_gamma_ref=1e-4, adam_eps_ref=1e-8, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=224, max_head_channels=None, cout=64,
              diffaug='', backbone_weights='registry')
 GDD_PRESETS = {
     'cifar10-uncond': dict(_REAL, teacher=_EDM + 'edm-cifar10-32x32-uncond-ve.pkl', cond=False, batch=256, g_lr=1e-4, d_lr=1e-4, mimg=5, ema_mimg=0.5, backbones=_VGG_EFF, freeze=1),
@@ -232,18 +248,22 @@ GDD_PRESETS = {
     'afhqv2-64': dict(_REAL, teacher=_EDM + 'edm-afhqv2-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, mimg=10, ema_mimg=0.5, backbones=_DEIT_EFF, freeze=1),
     'ffhq-64': dict(_REAL, teacher=_EDM + 'edm-ffhq-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, mimg=10, ema_mimg=0.5, backbones=_DEIT_EFF, freeze=1),
     'imagenet-64': dict(_REAL, teacher=_EDM + 'edm-imagenet-64x64-cond-adm.pkl', cond=True, batch=512, g_lr=8e-6, d_lr=4e-5, mimg=10, ema_mimg=50, backbones=_DEIT_EFF, freeze=1),
-    'toy': dict(r1_gamma_ref=1e-4, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=32, max_head_channels=64, cout=16, diffaug='',
+    'toy': dict(r1_gamma_ref=1e-4, adam_eps_ref=1e-8, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=32, max_head_channels=64, cout=16, diffaug='',
                 backbone_weights='random', teacher=None, cond=False, batch=32, g_lr=1e-3, d_lr=1e-3, mimg=0.01, ema_mimg=0.5,
                 backbones='tiny', freeze=1),
 }
 
+def gdd_ref_batch_per_gpu(cfg: dict) -> int:
+    "The reference run's per-GPU batch for these settings: batch / ref_gpus (the reference's train.sh used 4 GPUs)."
+    return max(cfg['batch'] // cfg['ref_gpus'], 1)
+
 def gdd_config(preset: str = 'toy', # key of GDD_PRESETS
                **overrides) -> dict: # values replacing the preset's (None = keep)
     "The resolved GDD settings: a preset with flag-by-flag overrides."
-    if preset not in GDD_PRESETS: raise ValueError(f'--preset: unknown preset {preset!r}; expected one of {sorted(GDD_PRESETS)}')
+    if preset not in GDD_PRESETS: raise UserError(f'--preset: unknown preset {preset!r}; expected one of {sorted(GDD_PRESETS)}')
     cfg = dict(GDD_PRESETS[preset])
     bad = set(overrides) - set(cfg)
-    if bad: raise ValueError(f'gdd_config: unknown settings {sorted(bad)}; expected some of {sorted(cfg)}')
+    if bad: raise UserError(f'gdd_config: unknown settings {sorted(bad)}; expected some of {sorted(cfg)}')
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return {'preset': preset, **cfg}
 
@@ -282,9 +302,24 @@ def gdd_fid_fn(ref: str, detector: str | None, n: int, sigma_g: float, batch: in
 def _backbone_weights(spec: str):
     if spec == 'random': return None
     if spec == 'registry': return True
-    raise ValueError(f"--backbone_weights: expected 'registry' or 'random', got {spec!r}")
+    raise UserError(f"--backbone_weights: expected 'registry' or 'random', got {spec!r}")
 
 # %% ../nbs/50_gdd.ipynb #1fb86604
+def check_gdd_settings(cfg: dict, # resolved settings (`gdd_config`)
+                       **run) -> dict: # run flags: steps, kimg, fid_every, fid_n, ckpt_every, max_keep, log_every, resolution, toy_n, num_workers, r1_gamma
+    "A `UserError` naming the flag for a batch, learning rate, duration, interval or size that cannot work; returns `cfg`."
+    for flag, key in [('--batch', 'batch'), ('--g_lr', 'g_lr'), ('--d_lr', 'd_lr'), ('--mimg', 'mimg'), ('--sigma_g', 'sigma_g'),
+                      ('--r1_every', 'r1_every'), ('--feature_size', 'feature_size')]:
+        check_positive(flag, cfg[key])
+    check_positive('--ema', cfg['ema_mimg'], allow_zero=True)
+    if cfg['freeze'] not in GDD_FREEZE_RULES: raise UserError(f'--freeze: expected one of {sorted(GDD_FREEZE_RULES)}, got {cfg["freeze"]!r}')
+    if int(cfg['batch']) != cfg['batch']: raise UserError(f'--batch: expected a whole number of images, got {cfg["batch"]!r}')
+    for flag in ('steps', 'kimg', 'fid_every', 'fid_n', 'ckpt_every', 'log_every', 'resolution', 'toy_n'):
+        if run.get(flag) is not None: check_positive(f'--{flag}', run[flag])
+    for flag in ('max_keep', 'num_workers', 'r1_gamma'):
+        if run.get(flag) is not None: check_positive('--workers' if flag == 'num_workers' else f'--{flag}', run[flag], allow_zero=True)
+    return cfg
+
 def train_gdd(run_dir: str | Path = 'runs/gdd', # run folder: config, metrics, checkpoints, final network
               preset: str = 'toy', # key of GDD_PRESETS
               teacher: str | nn.Module | None = None, # teacher file/URL/builtin (default: the preset's), or a module
@@ -293,15 +328,16 @@ def train_gdd(run_dir: str | Path = 'runs/gdd', # run folder: config, metrics, c
               steps: int | None = None, kimg: float | None = None, # duration (default: the preset's Mimg)
               fid_ref: str | None = None, fid_detector: str | None = None, fid_every: int = 1000, fid_n: int = 10000, # FID while training
               ckpt_every: int = 500, max_keep: int | None = 3, resume: str | None = None, # checkpoints / resume
+              overwrite: bool = False, # replace a previous run in run_dir (else refused unless resuming)
               log_every: int = 10, device: str | None = None, seed: int = 42, num_workers: int = 0,
               wandb: str = 'disabled', wandb_project: str = 'distill_nb', progress: bool = True,
               **overrides) -> Learner: # preset values: batch, g_lr, d_lr, ema_mimg, backbones, freeze, cond, r1_gamma, ...
     "Distil an EDM teacher into a one-step generator with GDD / GDD-I (Zheng & Yang 2024); returns the learner."
-    r1_gamma = overrides.pop('r1_gamma', None)
-    cfg = gdd_config(preset, **overrides)
+    r1_gamma, adam_eps = overrides.pop('r1_gamma', None), overrides.pop('adam_eps', None)
+    cfg = check_gdd_settings(gdd_config(preset, **overrides), steps=steps, kimg=kimg, fid_every=fid_every, fid_n=fid_n, ckpt_every=ckpt_every,
+                             max_keep=max_keep, log_every=log_every, resolution=resolution, toy_n=toy_n, num_workers=num_workers, r1_gamma=r1_gamma)
     info = init_distributed(device)
-    batch = cfg['batch']
-    if batch % info.world_size: raise ValueError(f'--batch {batch} is not divisible by the number of processes {info.world_size}')
+    batch = check_divisible('--batch', cfg['batch'], info.world_size, 'the number of processes')
     seed_everything(seed * 1000 + info.rank)
     ds = gdd_dataset(data, resolution, toy_n, toy_classes, seed)
     tname = teacher if teacher is not None else cfg['teacher']
@@ -310,40 +346,43 @@ def train_gdd(run_dir: str | Path = 'runs/gdd', # run folder: config, metrics, c
         tnet = tiny_gdd_teacher(R, C, ds.label_dim if cfg['cond'] else 0)
     else: tnet = tname if isinstance(tname, nn.Module) else load_network(tname, 'cpu')
     if tuple(ds.image_shape) != (tnet.img_channels, tnet.img_resolution, tnet.img_resolution):
-        raise ValueError(f'--data: images are {tuple(ds.image_shape)} but the teacher makes {(tnet.img_channels, tnet.img_resolution, tnet.img_resolution)}')
+        raise UserError(f'--data: images are {"x".join(map(str, ds.image_shape))} but the teacher makes '
+                        f'{tnet.img_channels}x{tnet.img_resolution}x{tnet.img_resolution} (channels x resolution x resolution)')
     cond = bool(cfg['cond'])
     if cond and tnet.label_dim != ds.label_dim:
-        raise ValueError(f'--cond: the teacher has label_dim={tnet.label_dim} but the dataset has {ds.label_dim} classes (use --uncond or the matching data)')
-    if not cond and tnet.label_dim: raise ValueError('--uncond: the teacher is class-conditional; GDD trains it with real labels (use --cond)')
+        raise UserError(f'--cond: the teacher has label_dim={tnet.label_dim} but the dataset has {ds.label_dim} classes (use --uncond or the matching data)')
+    if not cond and tnet.label_dim: raise UserError('--uncond: the teacher is class-conditional; GDD trains it with real labels (use --cond)')
     G, rep = gdd_generator(tnet, sigma_max=cfg['sigma_g'])
     fr = apply_freeze(G, cfg['freeze'])
     D = ProjectedDiscriminator(cfg['backbones'], G.label_dim if cond else 0, cfg['feature_size'], _backbone_weights(cfg['backbone_weights']),
                                cfg['diffaug'], cout=cfg['cout'], max_head_channels=cfg['max_head_channels'], seed=seed)
     if r1_gamma is None:
-        r1_gamma = r1_gamma_equivalent(cfg['r1_gamma_ref'], D.logits_per_backbone, max(cfg['batch'] // cfg['ref_gpus'], 1))
+        r1_gamma = r1_gamma_equivalent(cfg['r1_gamma_ref'], D.logits_per_backbone, gdd_ref_batch_per_gpu(cfg))
+    if adam_eps is None: adam_eps = adam_eps_equivalent(cfg['adam_eps_ref'], gdd_ref_batch_per_gpu(cfg))
     G, D = G.to(info.device), D.to(info.device)
     sanitize_grads(G); sanitize_grads(D.heads)
-    steps_ = gdd_steps(G, D, cfg['g_lr'], cfg['d_lr'], cfg['sigma_g'], r1_gamma, cfg['r1_every'], cond)
+    steps_ = gdd_steps(G, D, cfg['g_lr'], cfg['d_lr'], cfg['sigma_g'], r1_gamma, cfg['r1_every'], cond, adam_eps)
     n_steps = int(steps) if steps is not None else max(1, math.ceil((kimg * 1e3 if kimg is not None else cfg['mimg'] * 1e6) / batch))
     ema = EMA('G', halflife_kimg=cfg['ema_mimg'] * 1000, rampup_ratio=0.05)
     cbs = [ema, Checkpointer(ckpt_every, max_keep), MetricsLogger(log_every), WandbLogger(wandb_project, wandb, every=log_every)]
     if fid_ref is not None: cbs.append(MetricCallback(gdd_fid_fn(fid_ref, fid_detector, fid_n, cfg['sigma_g']), fid_every, 'fid'))
     if progress: cbs.append(ProgressCB(log_every))
-    run_cfg = {**cfg, 'r1_gamma': r1_gamma, 'teacher': tname if isinstance(tname, (str, type(None))) else type(tname).__name__,
+    run_cfg = {**cfg, 'r1_gamma': r1_gamma, 'adam_eps': adam_eps, 'teacher': tname if isinstance(tname, (str, type(None))) else type(tname).__name__,
                'data': data, 'n_steps': n_steps, 'seed': seed, 'world_size': info.world_size, 'generator': G.init_kwargs,
                'init_report': {'skipped': rep['skipped'], 'missing': rep['missing']},
                'freeze_counts': {k: len(v) for k, v in fr.items()}, 'freeze_rule': freeze_rule(cfg['freeze'])}
     learn = Learner({'G': G, 'D': D.heads, 'F': D.features}, steps_, ResumableLoader(ds, batch // info.world_size, seed=seed, num_workers=num_workers),
-                    cbs, device=info.device, amp=None, run_dir=run_dir, config=run_cfg)
+                    cbs, device=info.device, amp=None, run_dir=run_dir, config=run_cfg, overwrite=overwrite, outputs=['network-final.safetensors'])
     learn.ema, learn.D, learn.gdd_config = ema, D, run_cfg
     if learn.is_main and progress:
         print(f'GDD: skipped teacher keys {rep["skipped"]}; {freeze_rule(cfg["freeze"])}; r1_gamma={r1_gamma:.3g}')
         print(freeze_table(G, cfg['freeze']))
     learn.fit(n_steps, resume=resume)
     if learn.is_main:
-        save_network(fp32_copy(ema.module()), Path(run_dir)/'network-final.safetensors',
-                     meta={'sampler': {'kind': 'one_step', 'sigma': float(cfg['sigma_g'])},
-                           'provenance': {**learn.provenance(), 'step': learn.step, 'method': 'gdd-i' if cfg['freeze'] else 'gdd'}})
+        with write_guard(Path(run_dir)/'network-final.safetensors', 'the final network', Path(run_dir)/'checkpoints'):
+            save_network(fp32_copy(ema.module()), Path(run_dir)/'network-final.safetensors',
+                         meta={'sampler': {'kind': 'one_step', 'sigma': float(cfg['sigma_g'])},
+                               'provenance': {**learn.provenance(), 'step': learn.step, 'method': 'gdd-i' if cfg['freeze'] else 'gdd'}})
     return learn
 
 # %% ../nbs/50_gdd.ipynb #da407f6f
@@ -390,6 +429,7 @@ def gdd_train(
     ckpt_every: int = 500, # Iterations between checkpoints
     max_keep: int = 3, # Checkpoints to keep (0 = all)
     resume: str = None, # Checkpoint folder or 'latest'
+    overwrite: store_true = False, # Replace a previous run in --run_dir (its checkpoints, metrics, final network)
     log_every: int = 10, # Iterations per metrics record
     device: str = None, # cpu, cuda [default: cuda if available]
     seed: int = 42, # Random seed
@@ -398,9 +438,9 @@ def gdd_train(
     no_progress: store_true = False, # Hide the progress bar
 ):
     "Distil an EDM teacher into a one-step generator with GDD / GDD-I (Zheng & Yang 2024)."
-    if cond and uncond: raise ValueError('give at most one of --cond / --uncond')
+    if cond and uncond: raise UserError('give at most one of --cond / --uncond')
     train_gdd(run_dir, preset, teacher, data, resolution, toy_n, steps=steps, kimg=kimg, fid_ref=fid_ref, fid_detector=fid_detector,
-              fid_every=fid_every, fid_n=fid_n, ckpt_every=ckpt_every, max_keep=max_keep or None, resume=resume, log_every=log_every,
+              fid_every=fid_every, fid_n=fid_n, ckpt_every=ckpt_every, max_keep=max_keep or None, resume=resume, overwrite=overwrite, log_every=log_every,
               device=device, seed=seed, num_workers=workers, wandb=wandb, progress=not no_progress,
               cond=True if cond else False if uncond else None, batch=batch, g_lr=g_lr, d_lr=d_lr, mimg=mimg, ema_mimg=ema,
               backbones=backbones, backbone_weights=backbone_weights, freeze=freeze, sigma_g=sigma_g, r1_gamma=r1_gamma,

@@ -4,29 +4,31 @@
 
 # %% ../nbs/42_lcm.ipynb #c8254f13
 from __future__ import annotations
-import contextlib, json
+import contextlib, json, pickle, zipfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from safetensors import safe_open
+from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
 from .core import atomic_path, seed_everything, to_jsonable, StackedRandomGenerator
 from .schedules import karras_sigmas
 from .samplers import consistency_sampler, edm_sampler
 from .checkpoints import load_network, save_network
-from .learner import Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed, list_checkpoints
+from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed, list_checkpoints,
+                                write_guard)
 from .callbacks import EMA, Checkpointer, MetricsLogger
 from .microdit import (LatentEDMPrecond, LatentConsistencyPrecond, microdit_kwargs, latent_teacher,
                                  latent_student_from_teacher)
-from .cd import teacher_ode_step, cd_distance
-from .core import cli
+from .cd import teacher_ode_step, cd_distance, check_choice, check_count, check_rate
+from .core import cli, UserError, check_positive, check_divisible, check_file
 
 # %% auto #0
-__all__ = ['LATENT_FORMAT', 'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser', 'LCMLoss', 'lcm_learner', 'lcm_sigmas',
-           'lcm_sample', 'teacher_sample', 'generate', 'tiny_text_encoder', 'tiny_vae_decoder', 'sdxl_vae_decoder',
-           'openclip_text_encoder', 'save_lcm', 'load_lcm', 'LCMConfig', 'build_lcm_teacher', 'train_lcm', 'lcm_train']
+__all__ = ['LATENT_FORMAT', 'TEACHER_EXPECTED', 'LCM_OUTPUT', 'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser',
+           'LCMLoss', 'lcm_learner', 'lcm_sigmas', 'lcm_sample', 'teacher_sample', 'generate', 'tiny_text_encoder',
+           'tiny_vae_decoder', 'sdxl_vae_decoder', 'openclip_text_encoder', 'save_lcm', 'load_lcm', 'LCMConfig',
+           'check_lcm_config', 'build_lcm_teacher', 'check_lcm_data', 'train_lcm', 'lcm_train']
 
 # %% ../nbs/42_lcm.ipynb #2f15fb83
 LATENT_FORMAT = 'distill_nb.latent_text'
@@ -41,9 +43,9 @@ def write_latent_dataset(path: str | Path, # destination `.safetensors` or `.npz
     "Write a precomputed latent/caption dataset atomically (safetensors or npz)."
     path = Path(path)
     if latents.ndim != 4 or caption_embeddings.ndim != 3 or len(latents) != len(caption_embeddings):
-        raise ValueError(f'{path}: expected latents [N,C,H,W] and caption_embeddings [N,L,D] with equal N, got '
+        raise UserError(f'{path}: expected latents [N,C,H,W] and caption_embeddings [N,L,D] with equal N, got '
                          f'{tuple(latents.shape)} and {tuple(caption_embeddings.shape)}')
-    if captions is not None and len(captions) != len(latents): raise ValueError(f'{path}: {len(captions)} captions for {len(latents)} latents')
+    if captions is not None and len(captions) != len(latents): raise UserError(f'{path}: {len(captions)} captions for {len(latents)} latents')
     meta = {'format': LATENT_FORMAT, 'version': 1, 'latent_scale': latent_scale, 'vae': vae, 'text_encoder': text_encoder}
     with atomic_path(path) as tmp:
         if path.suffix == '.npz':
@@ -54,35 +56,44 @@ def write_latent_dataset(path: str | Path, # destination `.safetensors` or `.npz
             if captions is not None: meta['captions'] = list(captions)
             save_file({'latents': latents.to(dtype).contiguous(), 'caption_embeddings': caption_embeddings.to(dtype).contiguous()},
                       str(tmp), metadata={'format': LATENT_FORMAT, 'distill_nb': json.dumps(meta)})
-        else: raise ValueError(f'{path}: expected a .safetensors or .npz destination')
+        else: raise UserError(f'{path}: expected a .safetensors or .npz destination')
     return path
 
 class LatentTextDataset(torch.utils.data.Dataset):
     "Precomputed (latents, caption embeddings) pairs from a `distill_nb.latent_text` safetensors or npz file."
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file(): raise FileNotFoundError(f'{self.path}: no such latent dataset (.safetensors or .npz)')
-        if self.path.suffix == '.npz':
-            z = np.load(self.path, allow_pickle=False)
-            for k in ('latents', 'caption_embeddings'):
-                if k not in z: raise ValueError(f'{self.path}: missing array {k!r} (expected latents and caption_embeddings)')
-            self._lat, self._cap = z['latents'], z['caption_embeddings']
-            self.captions = list(z['captions']) if 'captions' in z else None
-            self.meta, self._f = {'format': LATENT_FORMAT}, None
-            shapes = self._lat.shape, self._cap.shape
-        else:
-            with safe_open(str(self.path), 'pt') as f:
-                md = f.metadata() or {}
-                if md.get('format') != LATENT_FORMAT: raise ValueError(f'{self.path}: not a {LATENT_FORMAT} file (format={md.get("format")!r})')
-                keys = set(f.keys())
-                if not {'latents', 'caption_embeddings'} <= keys: raise ValueError(f'{self.path}: expected tensors latents and caption_embeddings, got {sorted(keys)}')
-                shapes = f.get_slice('latents').get_shape(), f.get_slice('caption_embeddings').get_shape()
-            self.meta = json.loads(md.get('distill_nb', '{}')); self.captions = self.meta.get('captions'); self._f = None
+        self.path = check_file(path, '--data', 'a distill_nb.latent_text .safetensors or .npz file')
+        if self.path.suffix not in ('.npz', '.safetensors'):
+            raise UserError(f'{self.path}: expected a distill_nb.latent_text .safetensors or .npz file')
+        try: shapes = self._open_npz() if self.path.suffix == '.npz' else self._open_safetensors()
+        except UserError: raise
+        except (SafetensorError, zipfile.BadZipFile, ValueError, EOFError, KeyError, pickle.UnpicklingError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f'{self.path}: unreadable latent dataset ({msg}); expected a distill_nb.latent_text {self.path.suffix} file') from e
         ls, cs = [list(v) for v in shapes]
         if len(ls) != 4 or len(cs) != 3 or ls[0] != cs[0]:
-            raise ValueError(f'{self.path}: expected latents [N,C,H,W] and caption_embeddings [N,L,D], got {ls} and {cs}')
+            raise UserError(f'{self.path}: expected latents [N,C,H,W] and caption_embeddings [N,L,D], got {ls} and {cs}')
         self.n, self.latent_shape, (_, self.caption_len, self.caption_channels) = ls[0], ls[1:], cs
         self.latent_scale = self.meta.get('latent_scale', 0.13025)
+
+    def _open_npz(self):
+        z = np.load(self.path, allow_pickle=False)
+        for k in ('latents', 'caption_embeddings'):
+            if k not in z: raise UserError(f'{self.path}: missing array {k!r} (expected latents and caption_embeddings)')
+        self._lat, self._cap = z['latents'], z['caption_embeddings']
+        self.captions = list(z['captions']) if 'captions' in z else None
+        self.meta, self._f = {'format': LATENT_FORMAT}, None
+        return self._lat.shape, self._cap.shape
+
+    def _open_safetensors(self):
+        with safe_open(str(self.path), 'pt') as f:
+            md = f.metadata() or {}
+            if md.get('format') != LATENT_FORMAT: raise UserError(f'{self.path}: not a {LATENT_FORMAT} file (format={md.get("format")!r})')
+            keys = set(f.keys())
+            if not {'latents', 'caption_embeddings'} <= keys: raise UserError(f'{self.path}: expected tensors latents and caption_embeddings, got {sorted(keys)}')
+            shapes = f.get_slice('latents').get_shape(), f.get_slice('caption_embeddings').get_shape()
+        self.meta = json.loads(md.get('distill_nb', '{}')); self.captions = self.meta.get('captions'); self._f = None
+        return shapes
 
     def __len__(self): return self.n
     def __getstate__(self): return dict(self.__dict__, _f=None)
@@ -124,9 +135,9 @@ class LCMLoss:
                  solver: str = 'heun', # teacher ODE solver
                  distance: str = 'l2', # 'l2' or 'pseudo_huber'
                  sigma_min: float = 0.002, sigma_max: float = 80., rho: float = 7.):
-        if not 1 <= skip <= num_scales - 1: raise ValueError(f'--skip: expected 1 <= k <= N-1 = {num_scales - 1}, got {skip}')
-        if not 0 < w_min <= w_max: raise ValueError(f'--w_min/--w_max: need 0 < w_min <= w_max, got {w_min}, {w_max}')
-        if distance not in ('l2', 'pseudo_huber'): raise ValueError(f"--loss: expected 'l2' or 'pseudo_huber', got {distance!r}")
+        if not 1 <= skip <= num_scales - 1: raise UserError(f'--skip: expected 1 <= k <= N-1 = {num_scales - 1}, got {skip}')
+        if not 0 < w_min <= w_max: raise UserError(f'--w_min/--w_max: need 0 < w_min <= w_max, got {w_min}, {w_max}')
+        if distance not in ('l2', 'pseudo_huber'): raise UserError(f"--loss: expected 'l2' or 'pseudo_huber', got {distance!r}")
         self.teacher, self.N, self.k, self.w_min, self.w_max = teacher, num_scales, skip, w_min, w_max
         self.solver, self.distance = solver, distance
         self.sigmas = karras_sigmas(num_scales, sigma_min, sigma_max, rho, dtype=torch.float64)
@@ -164,7 +175,7 @@ def lcm_learner(student: nn.Module, # `LatentConsistencyPrecond` with guidance_e
                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, # AdamW settings (reference)
                 cbs: list | None = None, **learner_kwargs) -> Learner:
     "A Learner for latent consistency distillation with gradient accumulation and an EMA target (Luo et al. 2023)."
-    if not 0 <= target_ema < 1: raise ValueError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
+    if not 0 <= target_ema < 1: raise UserError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
     opt = make_optimizer(student.parameters(), lr, kind='adamw', betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     rates = sorted({r for r in ([target_ema] if target_ema > 0 else []) + ([ema] if ema else [])})
     ema_cb = EMA('student', decay=rates) if rates else None
@@ -200,7 +211,7 @@ class _WithW(nn.Module):
 
 def lcm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80., rho: float = 7.) -> list[float]:
     "n sampling levels, all above σ_min: the first n points of the Karras(n+1) grid."
-    if num_steps < 1: raise ValueError(f'--num_inference_steps: expected >= 1, got {num_steps}')
+    if num_steps < 1: raise UserError(f'--num_inference_steps: expected >= 1, got {num_steps}')
     return [float(s) for s in karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho)[:-1]]
 
 def lcm_sample(student, # `LatentConsistencyPrecond` with a guidance embedding
@@ -300,7 +311,7 @@ def save_lcm(net, path, num_steps: int = 4, guidance_scale: float = 7.0, guidanc
 def load_lcm(path, device='cpu'):
     "Load an LCM student saved by `save_lcm` (eval mode, no grad)."
     net = load_network(path, device)
-    if not isinstance(net, LatentConsistencyPrecond): raise ValueError(f'{path}: expected a LatentConsistencyPrecond, got {type(net).__name__}')
+    if not isinstance(net, LatentConsistencyPrecond): raise UserError(f'{path}: expected a LatentConsistencyPrecond, got {type(net).__name__}')
     return net
 
 # %% ../nbs/42_lcm.ipynb #1dffb34f
@@ -311,45 +322,82 @@ class LCMConfig:
     data: str = None; output_path: str = 'lcm_run'
     lr: float = 8e-5; batch_size: int = 256; micro_batch: int = 16; train_iters: int = 2000
     num_scales: int = 40; skip: int = 1; w_min: float = 1.0; w_max: float = 10.0; solver: str = 'heun'; loss: str = 'l2'
-    target_ema: float = 0.99; ema: float | None = None; clip: float = 1.0; weight_decay: float = 0.0
+    target_ema: float = 0.99; ema: float | None = None; clip: float | None = 1.0; weight_decay: float = 0.0
     sigma_data: float = 0.9; sigma_min: float = 0.002; sigma_max: float = 80.
     sample_steps: int = 4; guidance_scale: float = 7.0
     ckpt_every: int = 500; max_keep: int | None = 1; log_every: int = 10
     wandb_project: str | None = None; wandb_name: str | None = None
-    resume: bool = False; device: str | None = None; seed: int = 18; amp: str | None = 'auto'; compile: bool = False
+    resume: bool = False; overwrite: bool = False; device: str | None = None; seed: int = 18; amp: str | None = 'auto'
+    compile: bool = False
+
+TEACHER_EXPECTED = 'a MicroDiT checkpoint (.pt state dict) or a distill_nb LatentEDMPrecond .safetensors'
+
+def check_lcm_config(cfg: LCMConfig, world_size: int = 1) -> LCMConfig:
+    "Flag checks of an LCM run, named as on the command line: a `UserError` before anything is loaded or written."
+    if not cfg.teacher_ckpt: raise UserError(f'--teacher_ckpt is required: {TEACHER_EXPECTED}')
+    if not cfg.data: raise UserError('--data is required: a distill_nb.latent_text .safetensors/.npz of latents and caption embeddings')
+    for f in ('batch_size', 'micro_batch', 'train_iters', 'sample_steps', 'ckpt_every', 'log_every', 'latent_res'):
+        check_count(f'--{f}', getattr(cfg, f))
+    if cfg.max_keep is not None: check_count('--max_keep', cfg.max_keep)
+    check_count('--num_scales', cfg.num_scales, 2)
+    if not isinstance(cfg.skip, int) or not 1 <= cfg.skip <= cfg.num_scales - 1:
+        raise UserError(f'--skip: expected 1 <= k <= num_scales - 1 = {cfg.num_scales - 1}, got {cfg.skip!r}')
+    for f in ('lr', 'pos_interp_scale', 'sigma_data', 'sigma_min', 'sigma_max', 'w_min', 'w_max', 'guidance_scale'):
+        check_positive(f'--{f}', getattr(cfg, f))
+    if cfg.w_min > cfg.w_max: raise UserError(f'--w_min {cfg.w_min} must not exceed --w_max {cfg.w_max} (the guidance range)')
+    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
+    check_positive('--weight_decay', cfg.weight_decay, allow_zero=True)
+    if cfg.clip is not None: check_positive('--clip', cfg.clip)
+    check_rate('--target_ema', cfg.target_ema); check_rate('--ema', cfg.ema, optional=True)
+    check_choice('--loss', cfg.loss, ('l2', 'pseudo_huber')); check_choice('--solver', cfg.solver, ('heun', 'euler'))
+    check_choice('--amp', cfg.amp, ('auto', 'bf16', 'none', None))
+    check_divisible('--batch_size', cfg.batch_size, world_size, 'the number of processes')
+    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
+    check_file(cfg.teacher_ckpt, '--teacher_ckpt', TEACHER_EXPECTED)
+    check_file(cfg.data, '--data', 'a distill_nb.latent_text .safetensors or .npz file')
+    return cfg
 
 def build_lcm_teacher(cfg: LCMConfig, caption_len: int = 77, caption_channels: int | None = None) -> LatentEDMPrecond:
     "The frozen EDM teacher of a run: a distill_nb LatentEDMPrecond file, or a MicroDiT state dict loaded strictly."
-    if not cfg.teacher_ckpt: raise ValueError('--teacher_ckpt is required: a MicroDiT checkpoint (.pt state dict / .safetensors)')
-    p = Path(cfg.teacher_ckpt)
+    p = check_file(cfg.teacher_ckpt, '--teacher_ckpt', TEACHER_EXPECTED)
     if p.suffix == '.safetensors':
-        with safe_open(str(p), 'pt') as f: is_net = (f.metadata() or {}).get('format') == 'distill_nb.network'
+        try:
+            with safe_open(str(p), 'pt') as f: is_net = (f.metadata() or {}).get('format') == 'distill_nb.network'
+        except SafetensorError as e: raise UserError(f'{p}: unreadable safetensors file ({e}); expected {TEACHER_EXPECTED}') from e
         if is_net:
             t = load_network(p)
-            if not isinstance(t, LatentEDMPrecond): raise ValueError(f'--teacher_ckpt {p}: expected a LatentEDMPrecond, got {type(t).__name__}')
+            if not isinstance(t, LatentEDMPrecond): raise UserError(f'--teacher_ckpt {p}: expected a LatentEDMPrecond, got {type(t).__name__}')
             return t
     kw = microdit_kwargs(cfg.dit_arch, input_size=cfg.latent_res, pos_interp_scale=cfg.pos_interp_scale,
                          **({'caption_channels': caption_channels} if caption_channels else {}))
     return latent_teacher(kw, p, sigma_data=cfg.sigma_data, caption_len=caption_len).eval().requires_grad_(False)
+
+def check_lcm_data(ds: LatentTextDataset, teacher, data: str, teacher_path: str):
+    "The latent dataset fits the teacher: latent shape and caption channels; else a `UserError` naming both."
+    want = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+    if list(ds.latent_shape) != want:
+        raise UserError(f'--data {data}: latents are {"x".join(map(str, ds.latent_shape))}, but the teacher {teacher_path} '
+                        f'takes {"x".join(map(str, want))} latents (check --latent_res)')
+    if ds.caption_channels != teacher.caption_channels:
+        raise UserError(f'--data {data}: caption embeddings have {ds.caption_channels} channels, but the teacher {teacher_path} '
+                        f'expects {teacher.caption_channels}')
 
 class _WandbCB(Callback):
     order = 61
     def __init__(self, run): self.run = run
     def after_step(self, learn): self.run.log({k: float(v) for k, v in learn.logs.items()}, step=learn.step)
 
+LCM_OUTPUT = 'lcm_student.safetensors'
+
 def train_lcm(cfg: LCMConfig, log_fn=print) -> Learner:
     "Run latent consistency distillation from a config (the plain, tested function behind `lcm_train`)."
-    if not cfg.data: raise ValueError('--data is required: a distill_nb.latent_text .safetensors/.npz of latents and caption embeddings')
+    check_lcm_config(cfg)
     info = init_distributed(cfg.device)
+    check_divisible('--batch_size', cfg.batch_size, info.world_size, 'the number of processes')  # the batch is global
     seed_everything(cfg.seed + info.rank)
     ds = LatentTextDataset(cfg.data)
     teacher = build_lcm_teacher(cfg, ds.caption_len, ds.caption_channels).to(info.device)
-    if list(ds.latent_shape) != [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]:
-        raise ValueError(f'--data {cfg.data}: latents are {ds.latent_shape}, the teacher expects '
-                         f'{[teacher.img_channels, teacher.img_resolution, teacher.img_resolution]} (check --latent_res)')
-    if ds.caption_channels != teacher.caption_channels:
-        raise ValueError(f'--data {cfg.data}: caption embeddings have {ds.caption_channels} channels, the teacher expects {teacher.caption_channels}')
-    if cfg.batch_size % info.world_size: raise ValueError(f'--batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes')
+    check_lcm_data(ds, teacher, cfg.data, cfg.teacher_ckpt)
     student = latent_student_from_teacher(teacher, cfg.sigma_min)
     lossfn = LCMLoss(teacher, cfg.num_scales, cfg.skip, cfg.w_min, cfg.w_max, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max)
     run_dir = Path(cfg.output_path)
@@ -361,13 +409,13 @@ def train_lcm(cfg: LCMConfig, log_fn=print) -> Learner:
     learn = lcm_learner(student, teacher, ResumableLoader(ds, cfg.batch_size // info.world_size, seed=cfg.seed), lossfn, cfg.lr,
                         cfg.micro_batch, cfg.target_ema, cfg.ema, cfg.clip, weight_decay=cfg.weight_decay, cbs=cbs,
                         device=info.device, amp=cfg.amp if cfg.amp in ('auto', 'bf16') else None, compile=cfg.compile,
-                        run_dir=run_dir, config=asdict(cfg))
-    resume = 'latest' if cfg.resume and list_checkpoints(run_dir / 'checkpoints') else None
-    if resume: log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
-    learn.fit(cfg.train_iters, resume=resume)
+                        run_dir=run_dir, config=asdict(cfg), overwrite=cfg.overwrite, outputs=[LCM_OUTPUT])
+    if cfg.resume and list_checkpoints(run_dir / 'checkpoints'): log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
+    learn.fit(cfg.train_iters, resume='auto' if cfg.resume else None)
     if info.is_main:
         net = learn.ema_cb.module(f'{cfg.ema:g}') if cfg.ema else learn.unwrapped('student')
-        out = save_lcm(net, run_dir / 'lcm_student.safetensors', cfg.sample_steps, cfg.guidance_scale, (cfg.w_min, cfg.w_max), asdict(cfg))
+        with write_guard(run_dir / LCM_OUTPUT, 'the LCM student', run_dir / 'checkpoints'):
+            out = save_lcm(net, run_dir / LCM_OUTPUT, cfg.sample_steps, cfg.guidance_scale, (cfg.w_min, cfg.w_max), asdict(cfg))
         log_fn(f'LCM student written to {out}')
     if run is not None: run.finish()
     return learn
@@ -396,6 +444,7 @@ def lcm_train(teacher_ckpt: str = None, # MicroDiT checkpoint (.pt state dict or
               ckpt_every: int = 500, # steps between checkpoints
               wandb_project: str = None, # log to this W&B project
               resume: bool = False, # resume from the newest checkpoint in output_path
+              overwrite: bool = False, # replace a previous run in output_path (its checkpoints, metrics, LCM student)
               device: str = None, # cpu | cuda (default: CUDA if available)
               seed: int = 18, # random seed
               amp: str = 'auto', # auto (bf16 on CUDA) | bf16 | none
@@ -405,4 +454,5 @@ def lcm_train(teacher_ckpt: str = None, # MicroDiT checkpoint (.pt state dict or
                         pos_interp_scale=pos_interp_scale, lr=lr, batch_size=batch_size, micro_batch=micro_batch, train_iters=train_iters,
                         num_scales=num_scales, skip=skip, w_min=w_min, w_max=w_max, loss=loss, target_ema=target_ema, ema=ema or None,
                         clip=clip, sample_steps=sample_steps, guidance_scale=guidance_scale, ckpt_every=ckpt_every,
-                        wandb_project=wandb_project, resume=resume, device=device, seed=seed, amp=amp, compile=compile))
+                        wandb_project=wandb_project, resume=resume, overwrite=overwrite, device=device, seed=seed, amp=amp,
+                        compile=compile))

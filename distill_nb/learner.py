@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_learner.ipynb #d9febf98
 from __future__ import annotations
-import atexit, contextlib, datetime, json, os, shutil, tempfile
+import atexit, contextlib, datetime, json, os, pickle, re, shutil, tempfile, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -16,14 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import save_model, load_model
 from . import __version__
 from .core import (get_device, rng_state, set_rng_state, atomic_write, atomic_path, config_hash, to_jsonable,
-                             unwrap_model)
+                             unwrap_model, UserError)
 from .checkpoints import NETWORK_FORMAT, save_network, load_safetensors_network
 
 # %% auto #0
-__all__ = ['STATE_DICT_FORMAT', 'AMP_MODES', 'DistInfo', 'get_rank', 'get_world_size', 'init_distributed', 'shutdown_distributed',
-           'InfiniteSampler', 'ResumableLoader', 'make_optimizer', 'save_module', 'read_module_meta',
-           'load_module_state', 'load_module', 'CancelFitException', 'NonFiniteError', 'Callback', 'TrainStep',
-           'loss_terms', 'to_device', 'batch_size_of', 'make_grad_scaler', 'Learner', 'list_checkpoints']
+__all__ = ['STATE_DICT_FORMAT', 'AMP_MODES', 'LEFTOVER_PREFIXES', 'DistInfo', 'get_rank', 'get_world_size', 'init_distributed',
+           'shutdown_distributed', 'InfiniteSampler', 'ResumableLoader', 'make_optimizer', 'save_module',
+           'read_module_meta', 'load_module_state', 'load_module', 'CancelFitException', 'NonFiniteError', 'Callback',
+           'TrainStep', 'loss_terms', 'to_device', 'batch_size_of', 'make_grad_scaler', 'Learner', 'is_io_error',
+           'intact_note', 'write_guard', 'list_checkpoints', 'read_checkpoint', 'set_aside_newer', 'clean_leftovers']
 
 # %% ../nbs/20_learner.ipynb #c831d3f8
 @dataclass
@@ -159,12 +160,23 @@ def read_module_meta(path: str | Path) -> dict:
         raise ValueError(f'{path}: not a distill_nb network file (format={md.get("format")!r})')
     return json.loads(md['distill_nb'])
 
+def _config_diff(u: nn.Module, path) -> str:
+    "The constructor arguments in which the file's network differs from `u` (e.g. `img_resolution 16 in the file, 8 here`), or ''."
+    try: cfg = (read_module_meta(path).get('config') or {}).get('init_kwargs') or {}
+    except Exception: return ''
+    mine = to_jsonable(getattr(u, 'init_kwargs', {}))
+    diffs = [f'{k} {cfg[k]!r} in the file, {mine[k]!r} here' for k in sorted(set(cfg) & set(mine)) if cfg[k] != mine[k]]
+    return '; '.join(diffs[:6])
+
 def load_module_state(m: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    "Load a safetensors file into an existing module (wrappers are stripped)."
+    "Load a safetensors file into an existing module (wrappers are stripped); a `UserError` naming the sizes that differ."
     u = unwrap_model(m)
     dev = next(iter(u.state_dict().values()), torch.empty(0)).device
     try: load_model(u, str(path), strict=strict, device=str(dev))
-    except RuntimeError as e: raise ValueError(f'{path}: state dict does not match {type(u).__name__}: {e}') from None
+    except RuntimeError as e:
+        diff = _config_diff(u, path)
+        detail = diff or ' '.join(str(e).split())[:500]
+        raise UserError(f'{path}: the network in the file does not match this run\'s {type(u).__name__} ({detail})') from None
     return m
 
 def load_module(path: str | Path, device: str | torch.device = 'cpu') -> nn.Module:
@@ -265,7 +277,9 @@ class Learner:
                  run_dir: str | Path | None = None, # run folder (config, logs, checkpoints)
                  config: dict | None = None, # fully resolved run config, stored with hash and version
                  batch_size: int | None = None, # per-process batch size when batches carry no tensors
-                 loss_scale: dict | None = None): # amp='fp16': `torch.amp.GradScaler` options (init_scale, growth_interval, ...)
+                 loss_scale: dict | None = None, # amp='fp16': `torch.amp.GradScaler` options (init_scale, growth_interval, ...)
+                 overwrite: bool = False, # start afresh over a previous run in `run_dir`, clearing its outputs (else refused unless resuming)
+                 outputs: Iterable[str] = ()): # the trainer's own files/folders in `run_dir` (e.g. a final network), cleared by `overwrite`
         if loss_scale is not None and amp != 'fp16': raise ValueError(f"Learner: loss_scale={loss_scale!r} is only used with amp='fp16' (got amp={amp!r})")
         if not steps: raise ValueError('Learner: `steps` is empty; give at least one TrainStep')
         names = [s.name for s in steps]
@@ -277,6 +291,7 @@ class Learner:
         self.max_nonfinite, self.batch_size = max_nonfinite, batch_size
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config = config or {}
+        self.overwrite, self.outputs, self._run_dir_ready = overwrite, list(outputs), False
         self.step, self.n_img, self.n_skipped, self.streak = 0, 0, 0, 0
         self.n_overflow = 0  # updates skipped by the loss scaler (included in n_skipped)
         self.loss_scale = dict(loss_scale or {})
@@ -401,6 +416,7 @@ def _one_step(self: Learner):
 def _fit(self: Learner, n_steps: int, # train until this many iterations are done in total
          resume: str | Path | None = None): # checkpoint folder, 'latest', or None
     "Train to `n_steps` iterations, optionally resuming from a checkpoint."
+    self.prepare_run_dir(resume)  # before anything is built or written: refuse to clobber a previous run
     self.prepare(); self.n_steps = n_steps
     st = self.load_checkpoint_models(resume) if resume is not None else None
     if self.is_main: self.write_run_config()
@@ -421,7 +437,8 @@ def _provenance(self: Learner) -> dict:
 
 def _write_run_config(self: Learner):
     if self.run_dir is None: return
-    with atomic_write(self.run_dir/'config.json', 'w') as f: json.dump(_provenance(self), f, indent=1)
+    with write_guard(self.run_dir/'config.json', 'the run config', self.run_dir/'checkpoints'):
+        with atomic_write(self.run_dir/'config.json', 'w') as f: json.dump(_provenance(self), f, indent=1)
 Learner.provenance, Learner.write_run_config = _provenance, _write_run_config
 
 # %% ../nbs/20_learner.ipynb #1ed5798f
@@ -440,32 +457,66 @@ def _gather_rng(self: Learner) -> list:
     out = [None] * self.world_size; dist.all_gather_object(out, st)
     return out
 
+# %% ../nbs/20_learner.ipynb #c7c41531
+_IO_PATTERNS = re.compile(r'No space left|unexpected pos|file write failed|Input/output error|IoError|StorageFull|Read-only file system|'
+                          r'Permission denied|Disk quota|mdb_txn_commit|failed writing')
+
+def is_io_error(e: BaseException) -> bool:
+    "True for an out-of-space / I/O / permission error, also when a library (torch's zip writer, safetensors, lmdb) wraps it."
+    return isinstance(e, OSError) or bool(_IO_PATTERNS.search(str(e)))
+
+def _one_line(e: BaseException) -> str:
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return ' '.join(msg.split())[:300]
+
+def intact_note(ckpt_dir: str | Path | None, # checkpoint folder of the run (None: no checkpoints)
+                exclude: str | Path | None = None) -> str: # a checkpoint being written (not counted)
+    "Which checkpoint survives a failed write, for error messages."
+    cks = [p for p in list_checkpoints(ckpt_dir) if exclude is None or p.name != Path(exclude).name] if ckpt_dir is not None else []
+    return f'the previous checkpoint {cks[-1]} is intact' if cks else 'no earlier checkpoint exists'
+
+@contextlib.contextmanager
+def write_guard(path: str | Path, # the file or folder being written, named in the message
+                what: str, # what it is, e.g. 'the checkpoint'
+                ckpt_dir: str | Path | None = None, # the run's checkpoint folder, to say what survived
+                exclude: str | Path | None = None): # the checkpoint being written
+    "Turn an out-of-space or I/O error raised inside the block into a `UserError` naming `path` and what survived."
+    try: yield
+    except UserError: raise
+    except Exception as e:
+        if not is_io_error(e): raise
+        raise UserError(f'{path}: could not write {what} ({_one_line(e)}); {intact_note(ckpt_dir, exclude)}') from e
+
 # %% ../nbs/20_learner.ipynb #e2c05cce
 def _save_checkpoint(self: Learner, path: str | Path): # checkpoint folder to create
     "Write a complete checkpoint folder atomically (call on every rank; only rank 0 writes)."
     rngs = _gather_rng(self)  # collective: every rank takes part
     if not self.is_main: return
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.tmp-{path.name}-'))
-    try:
-        meta = {'step': self.step, 'n_img': self.n_img, **self.provenance()}
-        for k in self.trained: save_module(self.models[k], tmp/f'{k}.safetensors', meta={'step': self.step, 'run_config_hash': meta['config_hash']})
-        state = {'step': self.step, 'n_img': self.n_img, 'n_skipped': self.n_skipped, 'streak': self.streak,
-                 'update_counts': dict(self.update_counts), 'world_size': self.world_size, 'rng': rngs,
-                 'n_overflow': self.n_overflow, 'scalers': {k: sc.state_dict() for k, sc in self.scalers.items()},
-                 'opts': {s.name: s.opt.state_dict() for s in self.steps},
-                 'scheds': {s.name: s.sched.state_dict() for s in self.steps if s.sched is not None},
-                 'data': self.dl.state_dict() if hasattr(self.dl, 'state_dict') else None,
-                 'callbacks': {cb.name: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}}
-        torch.save(state, tmp/'training_state.pt')
-        for cb in self.cbs:
-            if hasattr(cb, 'save_files'): cb.save_files(tmp)
-        (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
-        if path.exists():
+    path = Path(path)
+    with write_guard(path, 'the checkpoint', path.parent, exclude=path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.tmp-{path.name}-'))
+        try: _write_checkpoint_files(self, tmp, rngs)
+        except BaseException: shutil.rmtree(tmp, ignore_errors=True); raise
+        if path.exists():  # a re-save of the same step: a kill between the renames leaves `.old-step-*`, put back at the next start
             old = path.parent/f'.old-{path.name}-{os.getpid()}'; os.replace(path, old); os.replace(tmp, path); shutil.rmtree(old)
         else: os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+
+def _write_checkpoint_files(self: Learner, tmp: Path, rngs: list):
+    "The files of a checkpoint, written into the (temporary) folder `tmp`."
+    meta = {'step': self.step, 'n_img': self.n_img, **self.provenance()}
+    for k in self.trained: save_module(self.models[k], tmp/f'{k}.safetensors', meta={'step': self.step, 'run_config_hash': meta['config_hash']})
+    state = {'step': self.step, 'n_img': self.n_img, 'n_skipped': self.n_skipped, 'streak': self.streak,
+             'update_counts': dict(self.update_counts), 'world_size': self.world_size, 'rng': rngs,
+             'n_overflow': self.n_overflow, 'scalers': {k: sc.state_dict() for k, sc in self.scalers.items()},
+             'opts': {s.name: s.opt.state_dict() for s in self.steps},
+             'scheds': {s.name: s.sched.state_dict() for s in self.steps if s.sched is not None},
+             'data': self.dl.state_dict() if hasattr(self.dl, 'state_dict') else None,
+             'callbacks': {cb.name: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}}
+    torch.save(state, tmp/'training_state.pt')
+    for cb in self.cbs:
+        if hasattr(cb, 'save_files'): cb.save_files(tmp)
+    (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
 Learner.save_checkpoint = _save_checkpoint
 
 # %% ../nbs/20_learner.ipynb #0565b8c8
@@ -473,30 +524,61 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     "Complete checkpoint folders `step-XXXXXXXX` under `ckpt_dir`, oldest first."
     d = Path(ckpt_dir)
     if not d.is_dir(): return []
-    cks = [p for p in d.iterdir() if p.is_dir() and p.name.startswith('step-') and (p/'training_state.pt').exists()]
+    cks = [p for p in d.iterdir() if p.is_dir() and re.fullmatch(r'step-\d+', p.name) and (p/'training_state.pt').exists()]
     return sorted(cks, key=lambda p: int(p.name.split('-')[1]))
 
-def _resolve_resume(self: Learner, resume) -> Path | None:
-    "The checkpoint folder to resume from; None for a fresh start (resume='auto' without checkpoints)."
+def read_checkpoint(path: str | Path) -> dict:
+    "The training state of checkpoint folder `path`, after checking that its files are complete; a `UserError` naming the first bad file."
+    path = Path(path); f = path/'training_state.pt'
+    if not f.is_file(): raise UserError(f'{path}: not a checkpoint folder (no training_state.pt)')
+    for w in sorted(path.glob('*.safetensors')):
+        try:
+            with safe_open(str(w), 'pt') as h: h.keys()
+        except Exception as e: raise UserError(f'{w}: unreadable ({_one_line(e)}); the checkpoint is truncated or corrupted') from e
+    if (path/'meta.json').exists():
+        try: json.loads((path/'meta.json').read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise UserError(f"{path/'meta.json'}: corrupted JSON ({e})") from e
+    try: return torch.load(f, map_location='cpu', weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f'{f}: unreadable ({_one_line(e)}); the checkpoint is truncated or corrupted') from e
+
+def _resolve_resume(self: Learner, resume) -> tuple[Path | None, dict | None]:
+    "The checkpoint folder to resume from and its state; (None, None) for a fresh start (resume='auto' without checkpoints)."
     if str(resume) in ('latest', 'auto'):
         if self.run_dir is None: raise ValueError(f"resume={str(resume)!r} needs a run_dir")
-        cks = list_checkpoints(self.run_dir/'checkpoints')
-        if cks: return cks[-1]
-        if str(resume) == 'auto': return None
-        raise FileNotFoundError(f"resume='latest': no checkpoint under {self.run_dir/'checkpoints'}")
+        d = self.run_dir/'checkpoints'; cks = list_checkpoints(d)
+        if not cks:
+            if str(resume) == 'auto': return None, None
+            raise UserError(f"{d}: no checkpoint to resume from (resume='latest')")
+        for p in reversed(cks):  # newest first; a truncated one (a kill or a full disk) is skipped with a warning
+            try: return p, read_checkpoint(p)
+            except UserError as e:
+                if self.is_main: warnings.warn(f'{e}; falling back to the previous checkpoint', stacklevel=2)
+        raise UserError(f'{d}: no readable checkpoint ({len(cks)} found, all truncated or corrupted: see the warnings); use --overwrite to start the run again')
     p = Path(resume)
-    if not (p/'training_state.pt').exists(): raise FileNotFoundError(f'resume: {p} is not a checkpoint folder (no training_state.pt)')
-    return p
+    if not (p/'training_state.pt').exists(): raise UserError(f'resume: {p} is not a checkpoint folder (no training_state.pt)')
+    return p, read_checkpoint(p)
+
+def set_aside_newer(ckpt_dir: str | Path, # folder of `step-*` checkpoints
+                    resume_dir: str | Path): # the checkpoint resumed from
+    "Resuming from an older checkpoint abandons the newer ones (another timeline, or unreadable): move them to `ckpt_dir/abandoned/`."
+    m = re.fullmatch(r'step-(\d+)', Path(resume_dir).name)
+    if m is None: return
+    for p in list_checkpoints(ckpt_dir):
+        if int(p.name.split('-')[1]) > int(m.group(1)):
+            (Path(ckpt_dir)/'abandoned').mkdir(exist_ok=True); os.replace(p, Path(ckpt_dir)/'abandoned'/p.name)
 
 def _load_checkpoint_models(self: Learner, resume) -> dict:
     "Load model weights and read the training state of a checkpoint (stage 1 of resuming)."
-    self.resume_dir = path = _resolve_resume(self, resume)
+    path, st = _resolve_resume(self, resume)
+    self.resume_dir = path
     if path is None: return None
+    if self.is_main and self.run_dir is not None: set_aside_newer(self.run_dir/'checkpoints', path)
     for k in self.trained:
         f = path/f'{k}.safetensors'
         if not f.exists(): raise FileNotFoundError(f'resume: {f} missing; the checkpoint has no weights for model {k!r}')
         load_module_state(self.models[k], f)
-    return torch.load(path/'training_state.pt', map_location='cpu', weights_only=True)
+    return st
 
 def _restore_state(self: Learner, st: dict):
     "Restore optimizers, schedulers, counters, data position, callbacks and RNG (stage 2 of resuming)."
@@ -516,3 +598,66 @@ def _restore_state(self: Learner, st: dict):
     rngs = st['rng']
     set_rng_state(_unplain_rng(rngs[self.rank] if len(rngs) == self.world_size else rngs[0]))
 Learner.load_checkpoint_models, Learner.restore_state = _load_checkpoint_models, _restore_state
+
+# %% ../nbs/20_learner.ipynb #0c5a615e
+LEFTOVER_PREFIXES = ('.tmp-step-', '.del-', '.tmp_')  # checkpoint writes, rotations/overwrites, atomic file writes in progress
+
+def clean_leftovers(folder: str | Path) -> list[str]: # a run folder, a checkpoint folder or a samples folder
+    "Remove what a kill during a checkpoint write, rotation or overwrite left in `folder`; returns the names cleaned up."
+    d, done = Path(folder), []
+    if not d.is_dir(): return done
+    for p in sorted(d.iterdir()):
+        m = re.fullmatch(r'\.old-(step-\d+)-\d+', p.name)
+        if m and p.is_dir() and not (d/m.group(1)).exists(): os.replace(p, d/m.group(1)); done.append(p.name); continue
+        if m or p.name.startswith(LEFTOVER_PREFIXES):
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+            else: p.unlink()
+            done.append(p.name)
+    return done
+
+def _outputs(self: Learner) -> list[Path]:
+    "What this run writes: config.json, checkpoints, the callbacks' `run_outputs(learn)` and the trainer's `outputs` (absolute paths)."
+    names = ['config.json', 'checkpoints', *self.outputs]
+    for cb in self.cbs:
+        if hasattr(cb, 'run_outputs'): names += [str(o) for o in cb.run_outputs(self)]
+    out = []
+    for n in names:
+        p = Path(n) if Path(n).is_absolute() else self.run_dir/n
+        if p not in out: out.append(p)
+    return out
+
+def _exists(p: Path) -> bool: return p.is_file() or p.is_symlink() or (p.is_dir() and any(p.iterdir()))
+
+def _remove(p: Path):
+    "Delete a file, or a folder through a `.del-*` rename (so a kill halfway leaves only a leftover cleaned at the next start)."
+    if p.is_dir() and not p.is_symlink():
+        trash = p.parent/f'.del-{p.name}-{os.getpid()}'; os.replace(p, trash); shutil.rmtree(trash)
+    elif p.exists() or p.is_symlink(): p.unlink()
+
+def _check_run_dir(self: Learner, resume) -> str | None:
+    "Rank 0's part of `prepare_run_dir`; returns a note for the user or raises `UserError`."
+    outs = _outputs(self)
+    for d in [self.run_dir, *outs]: clean_leftovers(d)
+    found = [p for p in outs if _exists(p)]
+    if resume is not None and self.overwrite: raise UserError(f'{self.run_dir}: give either --resume (continue the run) or --overwrite (replace it), not both')
+    fresh_auto = str(resume) == 'auto' and not list_checkpoints(self.run_dir/'checkpoints')
+    if not found or (resume is not None and not fresh_auto): return None
+    if not (self.overwrite or fresh_auto):
+        names = ', '.join(p.name + ('/' if p.is_dir() else '') for p in found)
+        raise UserError(f'{self.run_dir}: holds a previous run ({names}); use --resume to continue it or --overwrite to replace it')
+    with write_guard(self.run_dir, 'the run folder (clearing the previous run)'):
+        for p in found: _remove(p)
+    return f'{self.run_dir}: cleared the previous run ({len(found)} outputs)' + (' with nothing to resume' if fresh_auto else '')
+
+def _prepare_run_dir(self: Learner, resume=None): # what `fit` was given
+    "Refuse to start over a previous run in `run_dir` unless resuming or `overwrite`; clear it when allowed; remove leftovers of killed writes."
+    if self.run_dir is None or self._run_dir_ready: return
+    verdict = None
+    if self.is_main:
+        try: verdict = ('note', _check_run_dir(self, resume))
+        except UserError as e: verdict = ('error', str(e))
+    if self.world_size > 1: box = [verdict]; dist.broadcast_object_list(box, src=0); verdict = box[0]
+    if verdict[0] == 'error': raise UserError(verdict[1])
+    if verdict[1] and self.is_main: warnings.warn(verdict[1], stacklevel=3)
+    self._run_dir_ready = True
+Learner.prepare_run_dir, Learner.run_outputs = _prepare_run_dir, _outputs

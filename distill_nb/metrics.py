@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_metrics.ipynb #3bd0a6bc
 from __future__ import annotations
-import dataclasses, io, json, math, pickletools, zipfile
+import dataclasses, errno, io, json, math, pickletools, zipfile
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 import numpy as np
@@ -20,7 +20,7 @@ from torch_fidelity.utils import create_feature_extractor
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from .core import to_uint8, sha256_file, atomic_write, to_jsonable
+from .core import to_uint8, sha256_file, atomic_write, to_jsonable, UserError
 from .weights import get_entry, resolve_weights, check_sha256, weights_dir
 
 # %% auto #0
@@ -48,10 +48,10 @@ def _safe_state_dict(path: str | Path) -> dict:
         from safetensors.torch import load_file
         return load_file(str(path))
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f'{path}: cannot read as a weights-only state dict ({e})') from e
+    except Exception as e: raise UserError(f'{path}: cannot read as a weights-only state dict ({e})') from e
     if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{path}: expected a state dict (names -> tensors)')
+        raise UserError(f'{path}: expected a state dict (names -> tensors)')
     return sd
 
 def _is_safetensors(path: Path) -> bool:
@@ -70,11 +70,11 @@ class TinyDetector(FeatureExtractorBase):
     "A tiny conv feature extractor with Inception's feature names, for tests and toy runs (not comparable with published FIDs)."
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        if feature_extractor_weights_path is None: raise ValueError('TinyDetector needs feature_extractor_weights_path (a file from save_tiny_detector)')
+        if feature_extractor_weights_path is None: raise UserError('TinyDetector needs feature_extractor_weights_path (a file from save_tiny_detector)')
         path = Path(feature_extractor_weights_path)
         meta = _safetensors_meta(path)
         if meta.get('format') != DETECTOR_FORMAT or meta.get('class_name') != 'TinyDetector':
-            raise ValueError(f'{path}: not a TinyDetector file (metadata {meta})')
+            raise UserError(f'{path}: not a TinyDetector file (metadata {meta})')
         cfg = meta['init_kwargs']
         self.resolution = int(cfg['resolution'])
         self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
@@ -93,7 +93,7 @@ class TinyDetector(FeatureExtractorBase):
     def get_dummy_input_for_compile(): return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
 
     def forward(self, x):
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3: raise ValueError(f'TinyDetector expects uint8 [B,3,H,W], got {x.dtype} {tuple(x.shape)}')
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3: raise UserError(f'TinyDetector expects uint8 [B,3,H,W], got {x.dtype} {tuple(x.shape)}')
         x = F.interpolate(x.float(), size=(self.resolution,) * 2, mode='bilinear', align_corners=False)
         x = (x - 128) / 128
         h = F.relu(self.conv2(F.relu(self.conv1(x)))).mean((2, 3))
@@ -157,13 +157,13 @@ def detector_kind(path: str | Path) -> str:
         meta = _safetensors_meta(path)
         if meta.get('format') == DETECTOR_FORMAT:
             kinds = {'TinyDetector': 'distill-tiny'}
-            if meta.get('class_name') not in kinds: raise ValueError(f'{path}: unknown detector class {meta.get("class_name")!r}')
+            if meta.get('class_name') not in kinds: raise UserError(f'{path}: unknown detector class {meta.get("class_name")!r}')
             return kinds[meta['class_name']]
         return _kind_from_keys(path, _safe_state_dict(path))
     if head[:4] == b'PK\x03\x04':
         with zipfile.ZipFile(path) as z:
             if any(n.endswith('constants.pkl') for n in z.namelist()):
-                raise ValueError(f'{path}: is a TorchScript archive; loading it runs the program stored in the file, which distill_nb '
+                raise UserError(f'{path}: is a TorchScript archive; loading it runs the program stored in the file, which distill_nb '
                                  f'does not do. ' + _inception_advice())
         return _kind_from_keys(path, _safe_state_dict(path))
     if head[:1] == b'\x80':
@@ -171,14 +171,14 @@ def detector_kind(path: str | Path) -> str:
         except ValueError: sd = None
         if sd is not None: return _kind_from_keys(path, sd)
         info = inspect_pickle(path)
-        raise ValueError(f'{path}: is a Python pickle (it would import {info["globals"][:6]}); unpickling runs code stored in the file '
+        raise UserError(f'{path}: is a Python pickle (it would import {info["globals"][:6]}); unpickling runs code stored in the file '
                          f'(StyleGAN3/EDM detector pickles rebuild their modules from embedded source), which distill_nb never does. '
                          + _inception_advice())
-    raise ValueError(f'{path}: not a detector weights file (expected .safetensors or a torch.save state dict)')
+    raise UserError(f'{path}: not a detector weights file (expected .safetensors or a torch.save state dict)')
 
 def _kind_from_keys(path, sd):
     if any(k.startswith('Mixed_7c.') for k in sd) and 'fc.weight' in sd: return 'distill-inception-v3'
-    raise ValueError(f'{path}: state dict is not an Inception-v3 (torch-fidelity layout) nor a distill_nb detector')
+    raise UserError(f'{path}: state dict is not an Inception-v3 (torch-fidelity layout) nor a distill_nb detector')
 
 # %% ../nbs/16_metrics.ipynb #2915c3fc
 @dataclasses.dataclass
@@ -220,11 +220,11 @@ def load_detector(path: str | Path | None = None, # detector weights file; None:
 def as_uint8_batch(x) -> torch.Tensor:
     "A batch of images as uint8 [B,3,H,W] (floats in [-1,1] via EDM's rule `core.to_uint8`)."
     if isinstance(x, np.ndarray): x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor) or x.ndim != 4: raise ValueError(f'expected image batches [B,C,H,W], got {type(x).__name__} {getattr(x, "shape", "")}')
+    if not isinstance(x, torch.Tensor) or x.ndim != 4: raise UserError(f'expected image batches [B,C,H,W], got {type(x).__name__} {getattr(x, "shape", "")}')
     if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3): x = x.permute(0, 3, 1, 2)
-    if x.shape[1] not in (1, 3): raise ValueError(f'expected 1 or 3 channels, got shape {tuple(x.shape)}')
+    if x.shape[1] not in (1, 3): raise UserError(f'expected 1 or 3 channels, got shape {tuple(x.shape)}')
     if x.dtype != torch.uint8:
-        if not x.is_floating_point(): raise ValueError(f'expected uint8 or float images in [-1,1], got {x.dtype}')
+        if not x.is_floating_point(): raise UserError(f'expected uint8 or float images in [-1,1], got {x.dtype}')
         x = to_uint8(x)
     return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
 
@@ -234,7 +234,7 @@ def _image_batches(path, num: int | None = None, seed: int = 0, batch_size: int 
     ds = ImageFolderDataset(path, use_labels=False)
     idx = np.arange(len(ds))
     if num is not None:
-        if len(ds) < num: raise ValueError(f'{path}: found {len(ds)} images, but expected at least {num}')
+        if len(ds) < num: raise UserError(f'{path}: found {len(ds)} images, but expected at least {num}')
         if len(ds) > num: np.random.RandomState(seed % (1 << 31)).shuffle(idx); idx = np.sort(idx[:num])
     for i in range(0, len(idx), batch_size):
         yield torch.from_numpy(np.stack([ds.raw(int(j))[0] for j in idx[i:i + batch_size]]))
@@ -250,7 +250,7 @@ def iter_uint8_batches(images, batch_size: int = 64, num: int | None = None, see
 def feature_stats(f: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     "Mean and covariance of features `[N, D]` in float64 (EDM's `fid.py` arithmetic)."
     f = torch.as_tensor(f).double(); n = f.shape[0]
-    if n < 2: raise ValueError(f'need at least 2 samples for statistics, got {n}')
+    if n < 2: raise UserError(f'need at least 2 samples for statistics, got {n}')
     mu = f.sum(0) / n
     return mu.numpy(), ((f.T @ f - n * torch.outer(mu, mu)) / (n - 1)).numpy()
 
@@ -262,11 +262,13 @@ def compute_features(images, # tensor, iterable of batches, or folder/zip
                      keep_logits: bool = False, # keep the IS logits
                      seed: int = 0, # subset selection for folders (EDM `--seed`)
                      ) -> dict:
-    "Run `detector` over images; returns num_images, float64 mu/sigma and optionally the features/logits."
-    n, s1, s2, keep, logits = 0, None, None, [], []
+    "Run `detector` over images; returns num_images, image_size [H, W], float64 mu/sigma and optionally the features/logits."
+    n, s1, s2, keep, logits, size = 0, None, None, [], [], None
     for b in iter_uint8_batches(images, batch_size, num, seed):
         if num is not None: b = b[:num - n]
         if len(b) == 0: break
+        if size is None: size = list(b.shape[-2:])
+        elif list(b.shape[-2:]) != size: raise UserError(f'images: batches of {size[0]}x{size[1]} and {b.shape[-2]}x{b.shape[-1]} pixels; all images must have one size')
         out = detector(b); f = out[detector.fid_layer]
         s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
         s2 = f.T @ f if s2 is None else s2 + f.T @ f
@@ -274,10 +276,10 @@ def compute_features(images, # tensor, iterable of batches, or folder/zip
         if keep_logits: logits.append(out[detector.isc_layer].float())
         n += len(b)
         if num is not None and n >= num: break
-    if num is not None and n < num: raise ValueError(f'expected {num} images, got only {n}')
-    if n < 2: raise ValueError(f'need at least 2 images for statistics, got {n}')
+    if num is not None and n < num: raise UserError(f'expected {num} images, got only {n}')
+    if n < 2: raise UserError(f'need at least 2 images for statistics, got {n}')
     mu = s1 / n
-    res = {'num_images': n, 'mu': mu.numpy(), 'sigma': ((s2 - n * torch.outer(mu, mu)) / (n - 1)).numpy()}
+    res = {'num_images': n, 'image_size': size, 'mu': mu.numpy(), 'sigma': ((s2 - n * torch.outer(mu, mu)) / (n - 1)).numpy()}
     if keep_features: res['features'] = torch.cat(keep)
     if keep_logits: res['logits'] = torch.cat(logits)
     return res
@@ -289,7 +291,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, # Gaussian statistics (means [D],
     "Fréchet distance between Gaussians (FID, Heusel et al. 2017), computed as in EDM's fid.py by default."
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
+        raise UserError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
     if method == 'sqrtm':
         s = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (`disp=False`, as EDM passes it, is deprecated in SciPy)
         tr_sqrt = np.trace(s[0] if isinstance(s, tuple) else s)
@@ -297,7 +299,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, # Gaussian statistics (means [D],
         lam, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
         a = (v * np.sqrt(lam.clip(min=0))) @ v.T
         tr_sqrt = np.sqrt(np.linalg.eigvalsh(a @ sigma2 @ a).clip(min=0)).sum()
-    else: raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    else: raise UserError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
     return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt))
 
 # %% ../nbs/16_metrics.ipynb #41f8b934
@@ -319,7 +321,11 @@ def save_ref_stats(path: str | Path, # destination `.npz`
     if meta is not None: arrs['meta'] = np.array(json.dumps(to_jsonable(meta), sort_keys=True))
     if features is not None: arrs['features'] = np.asarray(features, np.float32)
     path = Path(path)
-    with atomic_write(path) as f: np.savez(f, **arrs)
+    try:
+        with atomic_write(path) as f: np.savez(f, **arrs)
+    except OSError as e:  # numpy's zip writer reports a full disk without the file name
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG): raise
+        raise UserError(f'{path}: cannot write ({e.strerror or e}); nothing was written, a previous {path.name} is intact') from e
     return path
 
 def load_ref_stats(path: str | Path) -> dict:
@@ -328,10 +334,12 @@ def load_ref_stats(path: str | Path) -> dict:
     if not path.is_file(): raise FileNotFoundError(f'{path}: reference statistics file not found')
     try:
         with np.load(path, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
-    except Exception as e: raise ValueError(f'{path}: cannot read as an .npz of arrays ({e})') from e
-    if 'mu' not in d or 'sigma' not in d: raise ValueError(f'{path}: expected keys mu and sigma (EDM fid.py format), got {sorted(d)}')
+    except Exception as e: raise UserError(f'{path}: cannot read as an .npz of arrays ({e})') from e
+    if 'mu' not in d or 'sigma' not in d: raise UserError(f'{path}: expected keys mu and sigma (EDM fid.py format), got {sorted(d)}')
     mu, sigma = d['mu'].astype(np.float64), d['sigma'].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2: raise ValueError(f'{path}: expected mu [D] and sigma [D,D], got {mu.shape} and {sigma.shape}')
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2: raise UserError(f'{path}: expected mu [D] and sigma [D,D], got {mu.shape} and {sigma.shape}')
+    for k, a in (('mu', mu), ('sigma', sigma)):
+        if not np.isfinite(a).all(): raise UserError(f'{path}: {k} holds {int((~np.isfinite(a)).sum())} NaN/inf values; the statistics are corrupt (recompute them)')
     out = {'mu': mu, 'sigma': sigma, 'path': str(path), 'sha256': sha256_file(path),
            'meta': json.loads(str(d['meta'])) if 'meta' in d else {}}
     if 'features' in d: out['features'] = torch.from_numpy(d['features'].astype(np.float32))
@@ -349,13 +357,18 @@ def compute_ref_stats(images, # folder/zip, tensor or iterable of batches (e.g. 
     "Reference statistics of a dataset in EDM's format, with provenance (`meta`)."
     det = detector if isinstance(detector, Detector) else load_detector(detector, device)
     r = compute_features(images, det, num=num, batch_size=batch_size, keep_features=keep_features)
-    meta = {**det.info(), 'num_images': r['num_images'], 'uint8_rule': UINT8_RULE, 'source': str(images) if isinstance(images, (str, Path)) else None}
+    meta = {**det.info(), 'num_images': r['num_images'], 'image_size': r['image_size'], 'uint8_rule': UINT8_RULE, 'source': str(images) if isinstance(images, (str, Path)) else None}
     if dest is not None: save_ref_stats(dest, r['mu'], r['sigma'], meta, r.get('features'))
     return {'mu': r['mu'], 'sigma': r['sigma'], 'meta': meta, **({'features': r['features']} if keep_features else {}),
             **({'path': str(dest), 'sha256': sha256_file(dest)} if dest is not None else {})}
 
 # %% ../nbs/16_metrics.ipynb #aab49a9d
 ALL_METRICS = ('fid', 'is', 'kid', 'pr')
+
+def _first_size(images) -> list | None:
+    "[H, W] of the first image of a folder/zip (None if it has none), read before the detector runs."
+    from distill_nb.data.images import ImageFolderDataset
+    return list(ImageFolderDataset(images, use_labels=False).image_shape[-2:])
 
 def compute_metrics(images, # generated images: tensor, iterable of batches ([-1,1] floats or uint8), or folder/zip
                     ref: str | Path | dict | None = None, # reference stats (`.npz` path or `load_ref_stats`/`compute_ref_stats` dict)
@@ -375,32 +388,40 @@ def compute_metrics(images, # generated images: tensor, iterable of batches ([-1
                     ) -> dict:
     "FID / IS / KID / precision-recall of generated images with their protocol (Heusel 2017; Salimans 2016; Bińkowski 2018; Kynkäänniemi 2019)."
     metrics = tuple(metrics)
-    if bad := set(metrics) - set(ALL_METRICS): raise ValueError(f'unknown metrics {sorted(bad)}; expected some of {ALL_METRICS}')
+    if bad := set(metrics) - set(ALL_METRICS): raise UserError(f'unknown metrics {sorted(bad)}; expected some of {ALL_METRICS}')
     det = detector if isinstance(detector, Detector) else load_detector(detector, device)
     need_ref_feats = 'kid' in metrics or 'pr' in metrics
     if isinstance(ref, (str, Path)): ref = load_ref_stats(ref)
     if ref_images is not None:
-        if ref is not None: raise ValueError('pass either ref= (statistics) or ref_images= (images), not both')
+        if ref is not None: raise UserError('pass either ref= (statistics) or ref_images= (images), not both')
         ref = compute_ref_stats(ref_images, detector=det, batch_size=batch_size, keep_features=need_ref_feats)
-    if ref is None and ('fid' in metrics or need_ref_feats): raise ValueError(f'metrics {metrics} need reference statistics: pass ref= (.npz) or ref_images=')
+    if ref is None and ('fid' in metrics or need_ref_feats): raise UserError(f'metrics {metrics} need reference statistics: pass ref= (.npz) or ref_images=')
     if ref is not None:
         ref_det = ref.get('meta', {}).get('detector_sha256')
         if ref_det is not None and ref_det != det.sha256:
-            raise ValueError(f'{ref.get("path", "reference")}: made with detector sha256 {ref_det}, but the detector is {det.path} '
+            raise UserError(f'{ref.get("path", "reference")}: made with detector sha256 {ref_det}, but the detector is {det.path} '
                              f'(sha256 {det.sha256}); FIDs across detectors are not comparable')
+        ref_size = ref.get('meta', {}).get('image_size')
+        if ref_size is not None and isinstance(images, (str, Path)) and (n_ := _first_size(images)) is not None and n_ != list(ref_size):
+            raise UserError(f'{images}: images are {n_[0]}x{n_[1]} pixels but {ref.get("path", "the reference")} was made from '
+                            f'{ref_size[0]}x{ref_size[1]} images; FIDs across resolutions are not comparable')
         if need_ref_feats and 'features' not in ref:
-            raise ValueError(f'{ref.get("path", "reference")}: KID and precision/recall need per-image reference features '
+            raise UserError(f'{ref.get("path", "reference")}: KID and precision/recall need per-image reference features '
                              '(make the reference with keep_features=True / distill_fid ref --keep_features, or pass ref_images=)')
     g = compute_features(images, det, num=num, batch_size=batch_size, keep_features=need_ref_feats, keep_logits='is' in metrics, seed=seed)
     n = g['num_images']
-    proto = {'num_images': n, **det.info(), 'uint8_rule': UINT8_RULE, 'torch_fidelity_version': torch_fidelity.__version__}
+    if ref is not None and (rs := ref.get('meta', {}).get('image_size')) is not None and list(rs) != g['image_size']:
+        raise UserError(f'images are {g["image_size"][0]}x{g["image_size"][1]} pixels but {ref.get("path", "the reference")} was made from '
+                        f'{rs[0]}x{rs[1]} images; FIDs across resolutions are not comparable')
+    proto = {'num_images': n, 'image_size': g['image_size'], **det.info(), 'uint8_rule': UINT8_RULE, 'torch_fidelity_version': torch_fidelity.__version__}
     if ref is not None:
         meta = ref.get('meta', {})
         proto.update(ref_file=ref.get('path'), ref_sha256=ref.get('sha256'), ref_num_images=meta.get('num_images'),
                      ref_detector_sha256=meta.get('detector_sha256'))
     res = {}
     if 'fid' in metrics:
-        res[metric_key('fid', n)] = frechet_distance(g['mu'], g['sigma'], ref['mu'], ref['sigma'], method=fid_method)
+        res[metric_key('fid', n)] = fid = frechet_distance(g['mu'], g['sigma'], ref['mu'], ref['sigma'], method=fid_method)
+        if not math.isfinite(fid): raise UserError(f'FID is {fid} against {ref.get("path", "the reference")}: the statistics are not finite')
         proto['fid_formula'] = FID_FORMULA if fid_method == 'sqrtm' else FID_FORMULA.replace('scipy.linalg.sqrtm', 'eigh: tr sqrt(A S2 A), A = S1^1/2')
     tf_kw = dict(verbose=False, rng_seed=rng_seed)
     if 'is' in metrics:
@@ -425,7 +446,7 @@ def check_comparable(a: dict, b: dict, # two results of `compute_metrics`
     "Raise if two metric results were computed under different protocols (detector, reference, sample count, uint8 rule)."
     pa, pb = a.get('protocol', a), b.get('protocol', b)
     diff = {k: (pa.get(k), pb.get(k)) for k in keys if pa.get(k) != pb.get(k)}
-    if diff: raise ValueError(f'results are not comparable, their protocols differ: {diff}')
+    if diff: raise UserError(f'results are not comparable, their protocols differ: {diff}')
 
 # %% ../nbs/16_metrics.ipynb #508a831f
 def sliced_wasserstein(x: torch.Tensor, # samples [N, D]
@@ -436,7 +457,7 @@ def sliced_wasserstein(x: torch.Tensor, # samples [N, D]
                        ) -> float:
     "Sliced p-Wasserstein distance between two sample sets (Rabin et al. 2011), exact 1-D W_p per direction."
     x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]: raise ValueError(f'expected [N,D] and [M,D] samples, got {tuple(x.shape)} and {tuple(y.shape)}')
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]: raise UserError(f'expected [N,D] and [M,D] samples, got {tuple(x.shape)} and {tuple(y.shape)}')
     th = torch.randn(x.shape[1], n_proj, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     th = th / th.norm(dim=0, keepdim=True)
     px, py = (x @ th).sort(0).values, (y @ th).sort(0).values
@@ -452,7 +473,7 @@ def mmd_rbf(x: torch.Tensor, # samples [N, D]
             ) -> float:
     "Squared maximum mean discrepancy with an RBF kernel (Gretton et al. 2012)."
     x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]: raise ValueError(f'expected [N,D] and [M,D] samples, got {tuple(x.shape)} and {tuple(y.shape)}')
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]: raise UserError(f'expected [N,D] and [M,D] samples, got {tuple(x.shape)} and {tuple(y.shape)}')
     k = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * bandwidth ** 2))
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     if unbiased:

@@ -4,20 +4,20 @@
 
 # %% ../nbs/41_microdit.ipynb #3701d79a
 from __future__ import annotations
-import math
+import math, re
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import register, store_init_kwargs, as_sigma
+from .core import UserError, register, store_init_kwargs, as_sigma, read_state_dict as _read_tensors
 
 # %% auto #0
 __all__ = ['MICRODIT_CONFIGS', 'modulate', 'round_up', 'Mlp', 'SelfAttention', 'CrossAttention', 'FeedForward', 'ExpertChoiceMoE',
            'DiTBlock', 'CaptionBlock', 'timestep_embedding', 'TimestepEmbedder', 'sincos_1d', 'pos_embed_2d',
            'MicroDiT', 'microdit_kwargs', 'build_microdit', 'count_parameters', 'load_microdit_state_dict',
-           'load_microdit_weights', 'LatentEDMPrecond', 'LatentConsistencyPrecond', 'latent_teacher',
-           'latent_student_from_teacher']
+           'microdit_sizes', 'microdit_kwargs_for', 'load_microdit_weights', 'LatentEDMPrecond',
+           'LatentConsistencyPrecond', 'latent_teacher', 'latent_student_from_teacher']
 
 # %% ../nbs/41_microdit.ipynb #8851dd5e
 def _ln(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
@@ -312,21 +312,38 @@ def count_parameters(m: nn.Module) -> int:
 # %% ../nbs/41_microdit.ipynb #a3ca2d8d
 def load_microdit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     "A MicroDiT state dict from a `.pt` (torch.load, weights_only=True) or `.safetensors` file, wrapper prefixes stripped."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'{path}: no such MicroDiT checkpoint (expected a .pt state dict or .safetensors)')
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
-        try: sd = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e: raise ValueError(f'{path}: cannot be read as a plain state dict with torch.load(weights_only=True): {e}') from None
-    for key in ('state_dict', 'model', 'ema'):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict): sd = sd[key]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f'{path}: expected a dict of tensors (a MicroDiT state dict)')
+    sd = _read_tensors(path, 'a MicroDiT checkpoint (a .pt state dict of tensors or a .safetensors file)', unwrap=('state_dict', 'model', 'ema'))
     for p in ('module.', '_orig_mod.', 'dit.', 'model.'):
         if sd and all(k.startswith(p) for k in sd): sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
+
+def microdit_sizes(shapes: dict) -> dict:
+    "MicroDiT arguments that a checkpoint's tensor shapes fix, as `{argument: (value, evidence)}`."
+    out, ev = {}, lambda k: f'{k} is {list(shapes[k])}'
+    pe, emb, cap = 'x_embedder.proj.weight', 'pos_embed', 'y_embedder.y_proj.fc1.weight'
+    if len(shapes.get(pe, ())) == 4:
+        dim, cin, p, _ = shapes[pe]
+        out.update(dim=(dim, ev(pe)), in_channels=(cin, ev(pe)), patch_size=(p, ev(pe)))
+        if len(shapes.get(emb, ())) == 3 and math.isqrt(shapes[emb][1]) ** 2 == shapes[emb][1]:
+            out['input_size'] = (math.isqrt(shapes[emb][1]) * p, f'{ev(emb)} with {p}x{p} patches')
+    if len(shapes.get(cap, ())) == 2: out['caption_channels'] = (shapes[cap][1], ev(cap))
+    blocks = {int(m[1]) for k in shapes if (m := re.match(r'blocks\.(\d+)\.', k))}
+    if blocks: out['depth'] = (max(blocks) + 1, f'the file has blocks.0 ... blocks.{max(blocks)}')
+    mixer = {int(m[1]) for k in shapes if (m := re.match(r'patch_mixer\.(\d+)\.', k))}
+    out['use_patch_mixer'] = (bool(mixer), 'the file has patch_mixer.* tensors' if mixer else 'the file has no patch_mixer.* tensors')
+    if mixer: out['patch_mixer_depth'] = (max(mixer) + 1, f'the file has patch_mixer.0 ... patch_mixer.{max(mixer)}')
+    return out
+
+def microdit_kwargs_for(dit_kwargs: dict, # MicroDiT arguments from flags or a named configuration
+                        sd: dict, # the checkpoint's tensors
+                        source: str) -> dict: # file name for messages
+    "`dit_kwargs` completed with, and checked against, the sizes the checkpoint fixes (checked on the meta device too)."
+    from distill_nb.checkpoints import build_checked, reconcile_sizes
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    kw = reconcile_sizes(dit_kwargs, microdit_sizes(shapes), source, 'the MicroDiT arguments')
+    if not kw.get('guidance_embed'):
+        build_checked(lambda: MicroDiT(**kw), shapes, source, f'MicroDiT({kw.get("dim")}x{kw.get("depth")})', meta_only=True)
+    return kw
 
 def load_microdit_weights(net: MicroDiT, # a MicroDiT (teacher or guidance-embedded student)
                           src, # path or state dict
@@ -338,9 +355,9 @@ def load_microdit_weights(net: MicroDiT, # a MicroDiT (teacher or guidance-embed
     unexpected = [k for k in src if k not in own]
     shape = [f'{k}: {tuple(src[k].shape)} vs {tuple(own[k].shape)}' for k in own if k in src and src[k].shape != own[k].shape]
     if missing or unexpected or shape:
-        raise ValueError(f'{source}: does not match MicroDiT({net.init_kwargs.get("dim")}x{net.init_kwargs.get("depth")}): '
-                         f'missing {missing[:8]}{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}'
-                         f'{"..." if len(unexpected) > 8 else ""}, shape mismatches {shape[:4]}')
+        raise UserError(f'{source}: does not match MicroDiT({net.init_kwargs.get("dim")}x{net.init_kwargs.get("depth")}): '
+                        f'missing {missing[:8]}{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}'
+                        f'{"..." if len(unexpected) > 8 else ""}, shape mismatches {shape[:4]}')
     net.load_state_dict(src, strict=False)
     if net.guidance_embed and not any(k.startswith('cfg_embedder.') for k in src): net.zero_guidance_embedding()
     return net
@@ -408,9 +425,12 @@ def latent_teacher(dit_kwargs: dict, # MicroDiT arguments (e.g. `microdit_kwargs
                    checkpoint=None, # MicroDiT state dict or file, loaded strictly
                    sigma_data: float = 0.9, caption_len: int = 77) -> LatentEDMPrecond:
     "The EDM teacher D(x; σ, y) around a MicroDiT (never with a guidance embedding)."
-    kw = {k: v for k, v in dit_kwargs.items() if k != 'guidance_embed'}
+    kw, source = {k: v for k, v in dit_kwargs.items() if k != 'guidance_embed'}, 'state dict'
+    if checkpoint is not None:
+        if not isinstance(checkpoint, dict): source, checkpoint = str(checkpoint), load_microdit_state_dict(checkpoint)
+        kw = microdit_kwargs_for(kw, checkpoint, source)  # sizes from the weights; nothing allocated for a contradicting config
     net = LatentEDMPrecond(sigma_data=sigma_data, caption_len=caption_len, **kw)
-    if checkpoint is not None: load_microdit_weights(net.model, checkpoint)
+    if checkpoint is not None: load_microdit_weights(net.model, checkpoint, source)
     return net
 
 def latent_student_from_teacher(teacher: LatentEDMPrecond, # EDM teacher

@@ -4,12 +4,13 @@
 
 # %% ../nbs/51_projected_d.ipynb #40445934
 from __future__ import annotations
-import math
+import math, pickle
 import torch
+from safetensors import SafetensorError
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from .core import register, store_init_kwargs
+from .core import register, store_init_kwargs, UserError
 from .weights import WeightsEntry, register_weights, resolve_weights
 
 # %% auto #0
@@ -58,7 +59,7 @@ def diff_augment(x: torch.Tensor, # images [B, C, H, W]
                  generator: torch.Generator | None = None) -> torch.Tensor:
     "Differentiable augmentation (Zhao et al. 2020) with a comma-separated `policy`."
     for p in [p for p in policy.split(',') if p]:
-        if p not in DIFFAUG_OPS: raise ValueError(f'--diffaug: unknown op {p!r}; expected some of {sorted(DIFFAUG_OPS)}')
+        if p not in DIFFAUG_OPS: raise UserError(f'--diffaug: unknown op {p!r}; expected some of {sorted(DIFFAUG_OPS)}')
         x = DIFFAUG_OPS[p](x, generator=generator)
     return x.contiguous()
 
@@ -81,17 +82,22 @@ def _load_state(model: nn.Module, name: str, weights, prefix: str = '') -> nn.Mo
     "Load registry weights `name` (True: resolve through the registry; a path: that file) into `model`, keys stripped of `prefix`."
     if weights is None or weights is False: return model
     path = resolve_weights(name, None if weights is True else weights)
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else: sd = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as e:  # damaged or foreign file
+        if isinstance(e, OSError) and e.errno is not None: raise
+        raise UserError(f'{path}: cannot read the {name} weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
+    if not isinstance(sd, dict): raise UserError(f'{path}: expected a state dict of {name} weights, got {type(sd).__name__}')
     if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'], dict): sd = sd['model']
     if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if k in own}  # classifier heads are dropped
     missing = sorted(set(own) - set(sd))
-    if missing: raise ValueError(f'{path}: not a {name} checkpoint; missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}')
+    if missing: raise UserError(f'{path}: not a {name} checkpoint; missing keys {missing[:5]}{"..." if len(missing) > 5 else ""}')
     model.load_state_dict(sd)
     return model
 
@@ -172,7 +178,7 @@ def build_backbone_stages(name: str, # key of BACKBONES
                           feature_size: int = 224, # input size after the resize
                           weights=None) -> nn.Module: # None (random), True (weights registry) or a file path
     "A frozen-to-be feature network returning 4 feature maps (Projected GAN backbones)."
-    if name not in BACKBONES: raise ValueError(f'--backbones: unknown backbone {name!r}; expected some of {sorted(BACKBONES)}')
+    if name not in BACKBONES: raise UserError(f'--backbones: unknown backbone {name!r}; expected some of {sorted(BACKBONES)}')
     return BACKBONES[name][0](feature_size, weights)
 
 # %% ../nbs/51_projected_d.ipynb #24e655cc

@@ -8,7 +8,7 @@ import argparse, copy, importlib, json, re, shlex, shutil, subprocess
 from pathlib import Path
 from fastcore.script import anno_parser, Param, store_true
 import distill_nb
-from .core import config_hash, atomic_write, to_jsonable
+from .core import config_hash, atomic_write, to_jsonable, UserError, check_positive
 from .core import cli
 
 # %% auto #0
@@ -43,14 +43,14 @@ def validate_recipe(r: dict, # a parsed recipe
     "Check that a recipe has every required field and consistent batch/input flags; returns it."
     for sec, keys in REQUIRED_FIELDS.items():
         d = r.get(sec) if sec else r
-        if not isinstance(d, dict): raise ValueError(f'{where}: expected a JSON object under {sec!r}, got {type(d).__name__}')
+        if not isinstance(d, dict): raise UserError(f'{where}: expected a JSON object under {sec!r}, got {type(d).__name__}')
         missing = [k for k in keys if k not in d]
-        if missing: raise ValueError(f'{where}: missing field(s) {", ".join((sec + "." if sec else "") + k for k in missing)}')
+        if missing: raise UserError(f'{where}: missing field(s) {", ".join((sec + "." if sec else "") + k for k in missing)}')
     b = r['batch']
-    if not isinstance(b['global'], int) or b['global'] < 1: raise ValueError(f"{where}: batch.global must be a positive integer, got {b['global']!r}")
-    if b['flag'] in r['flags']: raise ValueError(f"{where}: flags pins the batch flag --{b['flag']}; give it only as batch.global")
+    if not isinstance(b['global'], int) or b['global'] < 1: raise UserError(f"{where}: batch.global must be a positive integer, got {b['global']!r}")
+    if b['flag'] in r['flags']: raise UserError(f"{where}: flags pins the batch flag --{b['flag']}; give it only as batch.global")
     for k in r['inputs']:
-        if k not in r['flags']: raise ValueError(f'{where}: input --{k} has no default value in flags')
+        if k not in r['flags']: raise UserError(f'{where}: input --{k} has no default value in flags')
     return r
 
 def load_recipe(name: str, # recipe name, or a path to a recipe .json
@@ -60,17 +60,17 @@ def load_recipe(name: str, # recipe name, or a path to a recipe .json
     p = Path(name)
     if p.suffix != '.json':
         p = Path(folder or recipe_dir()) / f'{name}.json'
-        if not p.exists(): raise ValueError(f'unknown recipe {name!r}; expected one of {recipe_names(folder)}')
+        if not p.exists(): raise UserError(f'unknown recipe {name!r}; expected one of {recipe_names(folder)}')
     if not p.exists(): raise FileNotFoundError(f'{p}: recipe file not found')
     try: r = json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f'{p}: not valid JSON ({e})') from None
+    except json.JSONDecodeError as e: raise UserError(f'{p}: not valid JSON ({e})') from None
     validate_recipe(r, str(p))
-    if r['name'] != p.stem: raise ValueError(f"{p}: name {r['name']!r} differs from the file name {p.stem!r}")
+    if r['name'] != p.stem: raise UserError(f"{p}: name {r['name']!r} differs from the file name {p.stem!r}")
     lock = p.parent / 'recipes.lock.json'
     if check_lock and lock.exists():
         want = json.loads(lock.read_text()).get(r['name'])
         if want is not None and want != recipe_hash(r):
-            raise ValueError(f"{p}: config hash {recipe_hash(r)} differs from the locked {want} in {lock}; "
+            raise UserError(f"{p}: config hash {recipe_hash(r)} differs from the locked {want} in {lock}; "
                              'a locked recipe changed: revert the edit, or update the lock with write_lock() if it is intentional')
     return r
 
@@ -90,9 +90,9 @@ def trainer_function(r: dict):
     "The `@cli` function of a recipe's trainer."
     t = r['trainer']
     try: mod = importlib.import_module(t['module'])
-    except ImportError as e: raise ValueError(f"recipe {r['name']}: cannot import trainer module {t['module']} ({e})") from None
+    except ImportError as e: raise UserError(f"recipe {r['name']}: cannot import trainer module {t['module']} ({e})") from None
     f = getattr(mod, t['function'], None)
-    if f is None: raise ValueError(f"recipe {r['name']}: {t['module']} has no function {t['function']}")
+    if f is None: raise UserError(f"recipe {r['name']}: {t['module']} has no function {t['function']}")
     return f
 
 def trainer_parser(r: dict) -> argparse.ArgumentParser:
@@ -121,12 +121,12 @@ def apply_overrides(r: dict, # recipe
     "A copy of `r` with trainer flags overridden (the result is no longer the locked recipe)."
     r = copy.deepcopy(r)
     for o in overrides or []:
-        if '=' not in o: raise ValueError(f'--override {o!r}: expected key=value')
+        if '=' not in o: raise UserError(f'--override {o!r}: expected key=value')
         k, v = o.split('=', 1); k = k.strip().lstrip('-'); v = _parse_value(v)
         if k == 'global_batch':
-            if not isinstance(v, int) or v < 1: raise ValueError(f'--override global_batch={v!r}: expected a positive integer')
+            if not isinstance(v, int) or v < 1: raise UserError(f'--override global_batch={v!r}: expected a positive integer')
             r['batch']['global'] = v
-        elif k == r['batch']['flag']: raise ValueError(f'--override {k}: the batch is set with global_batch=N (the recipe locks the global batch)')
+        elif k == r['batch']['flag']: raise UserError(f'--override {k}: the batch is set with global_batch=N (the recipe locks the global batch)')
         elif v is None: r['flags'].pop(k, None)
         else: r['flags'][k] = v
     if overrides: r['overrides'] = list(overrides)
@@ -135,24 +135,24 @@ def apply_overrides(r: dict, # recipe
 def trainer_argv(r: dict, # recipe (after overrides)
                  nproc: int = 8) -> list[str]: # processes (GPUs) the run uses
     "The trainer's arguments for `nproc` processes, validated by the trainer's own parser."
-    if nproc < 1: raise ValueError(f'--nproc: expected >= 1, got {nproc}')
+    if nproc < 1: raise UserError(f'--nproc: expected >= 1, got {nproc}')
     b, flags = r['batch'], dict(r['flags'])
     if b['per_process']:
-        if b['global'] % nproc: raise ValueError(f"recipe {r['name']}: global batch {b['global']} is not divisible by --nproc {nproc}")
+        if b['global'] % nproc: raise UserError(f"recipe {r['name']}: global batch {b['global']} is not divisible by --nproc {nproc}")
         flags[b['flag']] = b['global'] // nproc
     else: flags[b['flag']] = b['global']
     acts = trainer_flags(r)
     unknown = sorted(k for k in flags if k not in acts)
-    if unknown: raise ValueError(f"recipe {r['name']}: {r['trainer']['function']} has no flag(s) {', '.join('--' + k for k in unknown)}")
+    if unknown: raise UserError(f"recipe {r['name']}: {r['trainer']['function']} has no flag(s) {', '.join('--' + k for k in unknown)}")
     argv = []
     for k, v in flags.items():
         a = acts[k]; opt = a.option_strings[0]
         if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # switches (`--no-x` for bool flags defaulting to True)
-            if not isinstance(v, bool): raise ValueError(f'recipe {r["name"]}: --{k} is a switch; expected true/false, got {v!r}')
+            if not isinstance(v, bool): raise UserError(f'recipe {r["name"]}: --{k} is a switch; expected true/false, got {v!r}')
             if v == isinstance(a, argparse._StoreTrueAction): argv.append(opt)
         elif v is not None: argv += [opt, v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else repr(v) if isinstance(v, float) else str(v)]
     try: trainer_parser(r).parse_args(argv)
-    except SystemExit: raise ValueError(f"recipe {r['name']}: {r['trainer']['function']} rejects {shlex.join(argv)}") from None
+    except SystemExit: raise UserError(f"recipe {r['name']}: {r['trainer']['function']} rejects {shlex.join(argv)}") from None
     return argv
 
 def recipe_command(r: dict, # recipe (after overrides)
@@ -253,12 +253,12 @@ def distill_recipe(cmd: str, # sub-command: list, show or run
                    dry_run: store_true = False, # run: print the command without running it
                    override: Param("trainer flags to change, as key=value (global_batch=N for the batch; key=null drops a flag)", str, nargs='*') = None):
     "Reference recipes: list them, show one, or run one with torchrun (locked configs of published results)."
-    if cmd not in ('list', 'show', 'run'): raise ValueError(f"distill_recipe: unknown command {cmd!r}; expected 'list', 'show' or 'run'")
+    if cmd not in ('list', 'show', 'run'): raise UserError(f"distill_recipe: unknown command {cmd!r}; expected 'list', 'show' or 'run'")
     if cmd == 'list':
         for n in recipe_names():
             r = load_recipe(n); e = r['expected']
             print(f"{n:28s} {r['trainer']['console_script']:12s} FID paper {e['fid_paper']}, FastGen {e['fid_fastgen'] if e['fid_fastgen'] is not None else '-'}  {r['title']}")
         return
-    if not name: raise ValueError(f'distill_recipe {cmd}: give a recipe name; one of {recipe_names()}')
+    if not name: raise UserError(f'distill_recipe {cmd}: give a recipe name; one of {recipe_names()}')
     if cmd == 'show': print(show_recipe(name, nproc, override))
     else: run_recipe(name, nproc, override, dry_run)

@@ -99,15 +99,17 @@ def iddpm_alpha_bar(j, # step index (0..M)
                     C_2: float = 0.008, # cosine-schedule offset
                     dtype=torch.float64):
     "Cosine schedule ᾱ(j) = sin²(π/2 · j / (M (1 + C_2))) as written in EDM (Nichol & Dhariwal 2021)."
-    j = torch.as_tensor(j, dtype=dtype)
+    j = j.to(dtype) if torch.is_tensor(j) else torch.as_tensor(j, dtype=dtype)  # a tensor keeps its device (even under a meta context)
     return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
 
 @functools.lru_cache(maxsize=16)
 def _iddpm_u(M, C_1, C_2, dtype):
-    u = torch.zeros(M + 1, dtype=dtype)
-    for j in range(M, 0, -1):
-        ratio = (iddpm_alpha_bar(j - 1, M, C_2, dtype) / iddpm_alpha_bar(j, M, C_2, dtype)).clip(min=C_1)
-        u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
+    # explicit CPU tensors: under a `torch.device('meta')` context (loaders build networks on meta first) a default-device
+    # table would be a meta tensor, and the cache would keep it
+    u, j = torch.zeros(M + 1, dtype=dtype, device='cpu'), torch.arange(M + 1, dtype=dtype, device='cpu')
+    for i in range(M, 0, -1):
+        ratio = (iddpm_alpha_bar(j[i - 1], M, C_2, dtype) / iddpm_alpha_bar(j[i], M, C_2, dtype)).clip(min=C_1)
+        u[i - 1] = ((u[i] ** 2 + 1) / ratio - 1).sqrt()
     return u
 
 def iddpm_u(M: int = 1000, # number of DDPM steps

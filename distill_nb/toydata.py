@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
-from .core import from_uint8
+from .core import from_uint8, UserError
 
 # %% auto #0
 __all__ = ['TOY_CLASSES', 'toy_params', 'toy_image', 'ToyShapes']
@@ -34,7 +34,7 @@ def _signed(kind: str, u: torch.Tensor, v: torch.Tensor, p: dict) -> torch.Tenso
     if kind == 'diagonal': return wave((u + v) / math.sqrt(2))
     if kind == 'plus': return torch.maximum(torch.minimum(0.12 - x.abs(), s - y.abs()), torch.minimum(0.12 - y.abs(), s - x.abs()))
     if kind == 'checker': return torch.sin(math.pi * u / p['period'] + p['phase']) * torch.sin(math.pi * v / p['period'])
-    raise ValueError(f'unknown toy class {kind!r}; expected one of {TOY_CLASSES}')
+    raise UserError(f'unknown toy class {kind!r}; expected one of {TOY_CLASSES}')
 
 def toy_image(kind: str, # one of TOY_CLASSES
               params: dict, # from `toy_params`
@@ -47,7 +47,7 @@ def toy_image(kind: str, # one of TOY_CLASSES
     fg, bg = torch.as_tensor(params['fg'])[:, None, None], torch.as_tensor(params['bg'])[:, None, None]
     img = bg * (1 - mask) + fg * mask
     if channels == 1: img = img.mean(0, keepdim=True)
-    elif channels != 3: raise ValueError(f'toy_image: channels={channels}, expected 1 or 3')
+    elif channels != 3: raise UserError(f'toy_image: channels={channels}, expected 1 or 3')
     return (img * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 # %% ../nbs/19_toydata.ipynb #f3084fd6
@@ -58,8 +58,8 @@ class ToyShapes(torch.utils.data.Dataset):
                  n_classes: int = 4, # first `n_classes` kinds of TOY_CLASSES (1..8)
                  seed: int = 0, # dataset seed
                  channels: int = 3): # 3 (RGB) or 1 (grey)
-        if not 1 <= n_classes <= len(TOY_CLASSES): raise ValueError(f'ToyShapes: n_classes={n_classes}, expected 1..{len(TOY_CLASSES)}')
-        if n < 1 or resolution < 4: raise ValueError(f'ToyShapes: need n >= 1 and resolution >= 4, got n={n}, resolution={resolution}')
+        if not 1 <= n_classes <= len(TOY_CLASSES): raise UserError(f'ToyShapes: n_classes={n_classes}, expected 1..{len(TOY_CLASSES)}')
+        if n < 1 or resolution < 4: raise UserError(f'ToyShapes: need n >= 1 and resolution >= 4, got n={n}, resolution={resolution}')
         self.n, self.resolution, self.n_classes, self.seed, self.channels = n, resolution, n_classes, seed, channels
         self.class_names = list(TOY_CLASSES[:n_classes])
         self.images = np.stack([toy_image(self.class_names[i % n_classes], toy_params(seed, i), resolution, channels) for i in range(n)])

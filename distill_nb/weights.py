@@ -6,7 +6,7 @@
 from __future__ import annotations
 import dataclasses, hashlib, os, re, urllib.request
 from pathlib import Path
-from .core import atomic_write, sha256_file
+from .core import UserError, atomic_write, sha256_file
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'WeightsEntry', 'register_weights', 'WeightsNotFoundError', 'WeightsHashError', 'weights_dir', 'get_entry',
@@ -58,7 +58,7 @@ for _e in [
 class WeightsNotFoundError(FileNotFoundError):
     "An external weights file is not available locally (the message says how to provide it)."
 
-class WeightsHashError(ValueError):
+class WeightsHashError(UserError):
     "A weights file does not have the registered sha256."
 
 def weights_dir() -> Path:
@@ -68,7 +68,7 @@ def weights_dir() -> Path:
 
 def get_entry(name: str) -> WeightsEntry:
     "The registry entry `name`, with a helpful error listing the known names."
-    if name not in WEIGHTS: raise KeyError(f'unknown weights {name!r}; registered: {sorted(WEIGHTS)}')
+    if name not in WEIGHTS: raise UserError(f'unknown weights {name!r}; registered: {sorted(WEIGHTS)}')
     return WEIGHTS[name]
 
 def check_sha256(path: str | Path, entry: WeightsEntry, digest: str | None = None) -> str:

@@ -50,6 +50,11 @@ WORKER = textwrap.dedent('''
     # exact resume: uninterrupted vs stopped at 4 (checkpoint at 3) and resumed to 6
     res['full'] = train(out/'a', 6); train(out/'b', 4)
     res['resumed'] = train(out/'b', 6, resume=out/'b'/'checkpoints'/'step-00000003')
+    # a second run into a finished run folder: rank 0 decides, every rank raises the same UserError (no rank left hanging)
+    from distill_nb.core import UserError
+    try: train(out/'a', 6); refused = ''
+    except UserError as e: refused = str(e)
+    res['refused'] = [None, None]; dist.all_gather_object(res['refused'], refused)
     if info.rank == 0: (out/'result.json').write_text(json.dumps(res))
     dist.barrier(); dist.destroy_process_group()  # barrier first: a rank tearing gloo down while its peer still talks can abort
 ''')
@@ -98,3 +103,10 @@ def test_ddp_exact_resume(ddp_run):
     full, resumed = res['full'], res['resumed']
     assert resumed['param_diff'] == 0.0
     assert resumed['params'] == full['params'] and resumed['ema'] == full['ema']
+
+
+def test_ddp_second_run_refused_on_every_rank(ddp_run):
+    "Starting again into a finished run folder without resume/overwrite is refused identically on both ranks."
+    tmp_path, res = ddp_run
+    r0, r1 = res['refused']
+    assert r0 == r1 and f"{tmp_path/'a'}: holds a previous run" in r0 and 'use --resume to continue it or --overwrite to replace it' in r0

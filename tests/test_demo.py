@@ -123,3 +123,17 @@ def test_dmd_method_smoke(tmp_path):
     assert len(pairs) == 64 and pairs[0][0].shape == (3, 16, 16)  # max(batch, iters * batch // 8)
     g = load_network(tmp_path / 'dmd' / 'student_dmd.safetensors')
     assert g.distill_meta['method'] == 'dmd' and g.distill_meta['sampler'] == {'kind': 'one_step', 'sigma': 80.0}
+
+
+# dmd2 (the default) and dmd (its run folder also holds the pairs); cd and gdd pass overwrite=True the same way
+@pytest.mark.parametrize('method', ['dmd2', 'dmd'])
+def test_demo_twice_into_the_same_outdir(tmp_path, method):
+    "The method's run folder inside --outdir is the demo's scratch space: a second demo replaces it (the Learner would refuse it)."
+    import warnings, torch
+    from distill_nb.demo import run_distill_demo
+    torch.set_num_threads(1)
+    kw = dict(method=method, iters=2, batch=8, n_eval=16, eval_batch=16, progress=False, log=lambda *a, **k: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # 'cleared the previous run' notes
+        for _ in range(2): res = run_distill_demo(tmp_path / 'out', **kw)
+    assert res['settings']['method'] == method and (tmp_path / 'out' / 'results.json').is_file()

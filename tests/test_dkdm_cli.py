@@ -12,12 +12,6 @@ from distill_nb.dkdm import dkdm_prepare, dkdm_train, dkdm_baseline, load_pool, 
 from distill_nb.data.lmdb_dataset import LMDBDataset, write_lmdb
 from distill_nb.learner import load_module, list_checkpoints
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny networks: one thread avoids OpenMP spin-waiting on busy CI machines."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult='1,2', attention_resolutions='4', num_head_channels=16,
             learn_sigma=True, dropout=0.0, resblock_updown=True, use_new_attention_order=True, use_scale_shift_norm=True,
@@ -93,7 +87,7 @@ def test_errors(teacher, tmp_path):
     with pytest.raises(ValueError, match='--mode'): train(teacher, tmp_path/'x', mode='random')
     with pytest.raises(FileNotFoundError, match='no pool'): train(teacher, tmp_path/'x', pool=str(tmp_path/'missing'))
     with pytest.raises(ValueError, match='student_flags'): train(teacher, tmp_path/'x', student_flags='{oops')
-    with pytest.raises(ValueError, match='weights do not match'): prepare(teacher, tmp_path/'p', teacher_flags='{"num_channels": 64}')
+    with pytest.raises(ValueError, match='num_channels=64 in the flags.*num_channels=32'): prepare(teacher, tmp_path/'p', teacher_flags='{"num_channels": 64}')
     with pytest.raises(ValueError, match='--teacher is required'): dkdm_prepare(out=str(tmp_path/'p'))
     with pytest.raises(ValueError, match='student image'): train(teacher, tmp_path/'x', student='14M', student_flags=None)
 
@@ -191,3 +185,94 @@ def test_baseline_two_ranks(teacher, tmp_path):
     st = torch.load(tmp_path/'w2'/'checkpoints'/'step-00000002'/'training_state.pt', weights_only=True)
     assert len(st['rng']) == 2 and 'student' in st['scalers']
     assert (tmp_path/'w2'/'student.safetensors').exists() and not (tmp_path/'w1'/'checkpoints').exists()
+
+
+# --- user errors: one line `prog: error: ...`, exit status 2, no traceback, nothing written (issue 15, sections 2 and 5) ---
+
+def _run_cli(prog, *args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    code = f"from distill_nb.dkdm import {prog}; {prog}()"
+    return subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+
+def _assert_user_error(r, prog, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: '), r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    for n in needles: assert n in lines[0], lines[0]
+
+@pytest.mark.parametrize('prog, flags, needle', [
+    ('dkdm_train', ['--batch_size', '0'], '--batch_size'),
+    ('dkdm_train', ['--ema', '1.5'], '--ema'),
+    ('dkdm_prepare', ['--rho', '-1'], '--rho'),
+    ('dkdm_baseline', ['--real_fraction', '2', '--real_data', 'x'], '--real_fraction')])
+def test_cli_bad_flags(teacher, tmp_path, prog, flags, needle):
+    r = _run_cli(prog, '--teacher', teacher, '--out', tmp_path/'out', '--device', 'cpu', *flags, tmp_path=tmp_path)
+    _assert_user_error(r, prog, needle)
+    assert not (tmp_path/'out').exists()
+
+@pytest.mark.parametrize('kw, needle', [
+    (dict(batch_size=-2), '--batch_size'), (dict(steps=0), '--steps'), (dict(steps=-2), '--steps'), (dict(lr=0.), '--lr'),
+    (dict(weight_decay=-0.1), '--weight_decay'), (dict(ema=-1.), '--ema'), (dict(ema=1.01), '--ema'), (dict(save_every=0), '--save_every'),
+    (dict(log_every=0), '--log_every'), (dict(input_perturb=-0.1), '--input_perturb'), (dict(rho=0.), '--rho'),
+    (dict(teacher_amp='fp8', mode='iterative'), "fp8"), (dict(mode='random'), '--mode'), (dict(student='99M', student_flags=None), "student '99M'")])
+def test_train_bad_flags(teacher, tmp_path, kw, needle):
+    from distill_nb.core import UserError
+    with pytest.raises(UserError, match=needle): train(teacher, tmp_path/'x', **kw)
+    assert not (tmp_path/'x').exists()
+
+@pytest.mark.parametrize('kw, needle', [(dict(batch_size=0), '--batch_size'), (dict(rho=-0.5), '--rho'), (dict(chunk=0), '--chunk'),
+                                        (dict(shards=0), '--shards'), (dict(shards=3), '--shards: a pool of 40 states')])
+def test_prepare_bad_flags(teacher, tmp_path, kw, needle):
+    from distill_nb.core import UserError
+    with pytest.raises(UserError, match=needle): prepare(teacher, tmp_path/'p', **kw)
+    assert not (tmp_path/'p').exists()
+
+@pytest.mark.parametrize('kw, needle', [(dict(n_synthetic=0), '--n_synthetic'), (dict(gen_batch=-1), '--gen_batch'), (dict(batch_size=0), '--batch_size'),
+                                        (dict(ema=2.), '--ema'), (dict(real_fraction=-0.5), '--real_fraction'), (dict(steps=0), '--steps')])
+def test_baseline_bad_flags(teacher, tmp_path, kw, needle):
+    from distill_nb.core import UserError
+    with pytest.raises(UserError, match=needle): baseline(teacher, tmp_path/'b', **kw)
+    assert not (tmp_path/'b').exists()
+
+def test_batch_not_divisible_by_world_size(teacher, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    import distill_nb.dkdm as dk
+    from distill_nb.core import UserError
+    monkeypatch.setattr(dk, 'init_distributed', lambda device=None: SimpleNamespace(world_size=3, rank=0, device=torch.device('cpu'), is_main=True))
+    for f in (train, baseline):
+        with pytest.raises(UserError, match=r'--batch_size: 4 is not divisible by the world size \(3\)'): f(teacher, tmp_path/'x')
+
+def test_teacher_does_not_fit_pool_or_data(teacher, tmp_path):
+    "A pool from another teacher, and real data of another size than the teacher's samples: both values are named."
+    from distill_nb.core import UserError
+    d = tmp_path/'t16'; d.mkdir()
+    m = ADMUNet(**adm_kwargs_from_flags(**{**TINY, 'image_size': 16}))
+    torch.save(m.state_dict(), d/'teacher.pt'); (d/'teacher.json').write_text(json.dumps({**TINY, 'image_size': 16}))
+    prepare(d/'teacher.pt', tmp_path/'pool16', rho=0.1)
+    with pytest.raises(UserError, match='has 3x16x16 images but the teacher makes 3x8x8'):
+        train(teacher, tmp_path/'x', pool=str(tmp_path/'pool16'))
+    small = real_lmdb(tmp_path/'small', shape=(3, 4, 4))
+    with pytest.raises(UserError, match="--real_data images are 3x4x4 but the synthetic ones \\(the teacher's\\) are 3x8x8"):
+        baseline(teacher, tmp_path/'y', n_synthetic=8, real_data=str(small), real_fraction=0.5)
+
+def test_existing_run_or_pool_is_not_overwritten(teacher, tmp_path):
+    "A second run into the same folder is refused unless --resume or --overwrite; --overwrite gives one clean step sequence."
+    from distill_nb.core import UserError
+    prepare(teacher, tmp_path/'pool')
+    with pytest.raises(UserError, match='holds a pool already'): prepare(teacher, tmp_path/'pool')
+    prepare(teacher, tmp_path/'pool', shards=2, overwrite=True)
+    assert sorted(f.name for f in (tmp_path/'pool').iterdir()) == ['pool-00000-of-00002.safetensors', 'pool-00001-of-00002.safetensors']
+    train(teacher, tmp_path/'run', mode='iterative', steps=2)
+    with pytest.raises(UserError, match='use --resume to continue it or --overwrite to replace it'):
+        train(teacher, tmp_path/'run', mode='iterative', steps=2)
+    train(teacher, tmp_path/'run', mode='iterative', steps=2, overwrite=True)
+    steps = [json.loads(l)['step'] for l in (tmp_path/'run'/'metrics.jsonl').read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 2
+    r = _run_cli('dkdm_train', '--teacher', teacher, '--out', tmp_path/'run', '--student_flags', STUDENT, '--mode', 'iterative',
+                 '--batch_size', '4', '--steps', '2', '--device', 'cpu', tmp_path=tmp_path)
+    _assert_user_error(r, 'dkdm_train', str(tmp_path/'run'), '--overwrite')
+    baseline(teacher, tmp_path/'b', steps=1)
+    with pytest.raises(UserError, match='--overwrite'): baseline(teacher, tmp_path/'b', steps=1)
+    baseline(teacher, tmp_path/'b', steps=1, overwrite=True)  # the synthetic set is kept and reused
+    assert (tmp_path/'b'/'synthetic'/'data.mdb').exists()

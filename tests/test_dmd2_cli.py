@@ -13,14 +13,6 @@ from distill_nb.dmd2 import (DMD2, DMD2Config, ToyEDMDenoiser, dmd2_learner, dmd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Tiny networks: one intra-op thread is faster and does not thrash a shared 2-core CPU (restored afterwards)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
     env.pop('WORLD_SIZE', None); env.pop('RANK', None)
@@ -226,7 +218,8 @@ def test_consistency_generator_and_distill_generate(tmp_path):
     torch.manual_seed(0)
     teacher, cm = _tiny_song('EDMPrecond'), _tiny_song('ConsistencyPrecond', sigma_min=0.002)
     x = torch.randn(2, 3, 16, 16)
-    assert torch.allclose(cm(x, torch.full((2,), 0.002), torch.eye(10)[:2]), x, atol=1e-5)  # boundary condition f(x, σ_min) = x
+    # boundary condition f(x, σ_min) = x: c_skip = 1 and c_out = 0 there; x ~ N(0, 1) is O(1), so atol 1e-5 is ~100 float32 spacings
+    assert torch.allclose(cm(x, torch.full((2,), 0.002), torch.eye(10)[:2]), x, atol=1e-5)
     save_network(teacher, tmp_path / 't.safetensors'); save_network(cm, tmp_path / 'cm.safetensors')
     dmd2_train(teacher_model_path=str(tmp_path / 't.safetensors'), consistency_model_path=str(tmp_path / 'cm.safetensors'),
                output_path=str(tmp_path / 'run'), batch_size=2, train_iters=2, log_iters=2, device='cpu', dataset_name='cifar10',
@@ -248,3 +241,100 @@ def test_consistency_generator_and_distill_generate(tmp_path):
     assert DMDGenerator(gfile, device='cpu').sigmas == [80.0, 2.5]
     distill_generate(network=str(gfile), outdir=str(tmp_path / 'img2'), seeds='0-1', device='cpu')
     assert len(list((tmp_path / 'img2').glob('*.png'))) == 2
+
+
+def _one_line_error(r, prog='dmd2_train'):
+    "Exit status 2, one stderr line `prog: error: ...`, no traceback."
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, (r.returncode, r.stdout[-1000:], r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: ') and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+def _tiny_args(teacher_file, out, *extra):
+    return ['--teacher_model_path', teacher_file, '--output_path', out, '--batch_size', 2, '--log_iters', 2, '--initialize_generator',
+            '--dataset_name', 'cifar10', '--device', 'cpu', '--warmup_step', 0, '--num_workers', 0, *extra]
+
+
+def test_cli_second_run_refused_overwrite_and_bad_flags(teacher_file, tmp_path):
+    "A second run into --output_path is refused (it used to overwrite the checkpoints and append to metrics.jsonl); --overwrite "
+    "replaces it; --dfake_gen_update_ratio 0 (a ZeroDivisionError) and --batch_size -2 ('negative dimension') are one-line errors."
+    out = tmp_path / 'run'
+    r = _run_cli(_tiny_args(teacher_file, out, '--train_iters', 2)); assert r.returncode == 0, r.stderr[-3000:]
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    msg = _one_line_error(_run_cli(_tiny_args(teacher_file, out, '--train_iters', 2)))
+    assert f'{out}: holds a previous run' in msg and 'use --resume to continue it or --overwrite to replace it' in msg
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+    r = _run_cli(_tiny_args(teacher_file, out, '--train_iters', 4, '--overwrite')); assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.loads(l)['step'] for l in (out / 'metrics.jsonl').read_text().splitlines()] == [2, 4]
+    msg = _one_line_error(_run_cli(_tiny_args(teacher_file, tmp_path / 'x', '--train_iters', 2, '--dfake_gen_update_ratio', 0)))
+    assert msg == 'dmd2_train: error: --dfake_gen_update_ratio: expected a positive number, got 0'
+    msg = _one_line_error(_run_cli(_tiny_args(teacher_file, tmp_path / 'x', '--train_iters', 2, '--batch_size', -2)))
+    assert msg == 'dmd2_train: error: --batch_size: expected a positive number, got -2'
+    assert not (tmp_path / 'x').exists()
+
+
+def _kw(teacher_file, out, **kw):
+    return {**dict(teacher_model_path=str(teacher_file), output_path=str(out), batch_size=2, log_iters=2, train_iters=2,
+                   initialize_generator=True, device='cpu', dataset_name='cifar10', warmup_step=0, num_workers=0), **kw}
+
+
+@pytest.mark.parametrize('bad, msg', [
+    (dict(train_iters=-1), '--train_iters: expected a positive number, got -1'),
+    (dict(log_iters=0), '--log_iters'), (dict(warmup_step=-5), '--warmup_step'), (dict(guidance_lr=0.), '--guidance_lr'),
+    (dict(max_step_percent=1.5), '--max_step_percent: expected a fraction in [0, 1], got 1.5'),
+    (dict(sigma_min=100.), '--sigma_min 100.0 must be below --sigma_max 80.0'), (dict(num_train_timesteps=0), '--num_train_timesteps'),
+    (dict(diffusion_gan_max_timestep=2000), '--diffusion_gan_max_timestep: expected a grid index in [0, 1000], got 2000'),
+    (dict(student_sigmas='80,abc'), '--student_sigmas: expected comma-separated numbers'), (dict(max_checkpoint=0), '--max_checkpoint'),
+    (dict(label_dim=1000), '--label_dim 1000 does not match the teacher'), (dict(max_grad_norm=-1.), '--max_grad_norm'),
+])
+def test_flag_checks_in_process(teacher_file, tmp_path, bad, msg):
+    from distill_nb.core import UserError
+    with pytest.raises(UserError) as e: dmd2_train(**_kw(teacher_file, tmp_path / 'r', **bad))
+    assert msg in str(e.value), str(e.value)
+    assert not (tmp_path / 'r').exists()
+
+
+def test_real_data_that_does_not_fit_the_teacher(teacher_file, tmp_path):
+    "An LMDB at another resolution or with more classes than the teacher: the error names both values."
+    from distill_nb.core import UserError
+    from distill_nb.data.lmdb_dataset import write_lmdb
+    rng = np.random.default_rng(0)
+    write_lmdb(tmp_path / 'r16.lmdb', [(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8), i % 10) for i in range(4)])
+    write_lmdb(tmp_path / 'c1.lmdb', [(rng.integers(0, 256, (1, 8, 8), dtype=np.uint8), i % 10) for i in range(4)])
+    write_lmdb(tmp_path / 'l20.lmdb', [(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), 19 - i) for i in range(20)])
+    for name, msg in [('r16', 'images are 3x16x16, but the teacher makes 3x8x8 images'), ('c1', 'images are 1x8x8, but the teacher makes 3x8x8'),
+                      ('l20', 'labels span 20 classes, but the teacher has label_dim 10')]:
+        with pytest.raises(UserError, match=msg):
+            dmd2_train(**_kw(teacher_file, tmp_path / name, gan_classifier=True, real_image_path=str(tmp_path / f'{name}.lmdb')))
+
+
+def test_full_disk_during_checkpoint_and_truncated_resume(teacher_file, tmp_path, monkeypatch):
+    "ENOSPC while writing a DMD2 checkpoint names it and the surviving one; a truncated newest checkpoint is skipped on --resume."
+    import errno
+    from distill_nb.core import UserError
+    out = tmp_path / 'run'
+    dmd2_train(**_kw(teacher_file, out, train_iters=4, max_checkpoint=5))
+    save = torch.save
+    def full_disk(obj, f, *a, **k):
+        if 'step-00000006' in str(f): raise OSError(errno.ENOSPC, 'No space left on device')
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(UserError) as e: dmd2_train(**_kw(teacher_file, out, train_iters=6, max_checkpoint=5, resume=True))
+    ck = out / 'checkpoints'
+    assert str(e.value) == (f"{ck / 'step-00000006'}: could not write the checkpoint (No space left on device); "
+                            f"the previous checkpoint {ck / 'step-00000004'} is intact")
+    monkeypatch.setattr(torch, 'save', save)
+    assert [p.name for p in ck.iterdir() if p.name.startswith('.')] == []  # no partial folder
+    ts = ck / 'step-00000004' / 'training_state.pt'; ts.write_bytes(ts.read_bytes()[:64])
+    with pytest.warns(UserWarning, match='step-00000004/training_state.pt: unreadable'):
+        dmd2_train(**_kw(teacher_file, out, train_iters=6, max_checkpoint=5, resume=True))
+    from distill_nb.learner import read_checkpoint
+    assert [read_checkpoint(c)['step'] for c in list_checkpoints(ck)] == [2, 4, 6]  # resumed from 2; step 4 written again, whole
+
+
+def test_cache_dir_copy_is_atomic_and_leftovers_cleaned(teacher_file, tmp_path):
+    out, cache = tmp_path / 'run', tmp_path / 'cache'
+    (cache / '.tmp-step-00000002-dead').mkdir(parents=True); (cache / '.del-step-00000001').mkdir()
+    dmd2_train(**_kw(teacher_file, out, train_iters=6, cache_dir=str(cache), max_checkpoint=2))
+    assert sorted(p.name for p in cache.iterdir()) == ['step-00000004', 'step-00000006']

@@ -18,7 +18,7 @@ def _cli(args, tmp_path, check=True):
 
 def test_help_lists_flags(tmp_path):
     out = _cli(['--help'], tmp_path).stdout
-    for flag in ('--data', '--arch', '--batch', '--lr', '--steps', '--kimg', '--ema', '--run_dir', '--resume', '--device', '--seed', '--wandb'):
+    for flag in ('--data', '--arch', '--batch', '--lr', '--steps', '--kimg', '--ema', '--run_dir', '--resume', '--overwrite', '--device', '--seed', '--wandb'):
         assert flag in out, flag
 
 
@@ -71,3 +71,106 @@ def test_bad_flags(tmp_path):
     r = _cli(['--arch', 'huge', *TINY], tmp_path, check=False)
     assert r.returncode != 0 and 'invalid choice' in r.stderr
     with pytest.raises(ValueError, match='exactly one of --steps or --kimg'): train_edm(tmp_path/'x', steps=2, kimg=1.0, device='cpu')
+
+
+def _one_line_error(r, prog='edm_train'):
+    "A user error as command-line users expect it: exit status 2, one stderr line `prog: error: ...`, no traceback."
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith(f'{prog}: error: '), r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr
+    return lines[0]
+
+
+def test_second_run_into_a_run_folder_is_refused_then_overwritten(tmp_path):
+    "Before the fix the second run replaced the checkpoints and the final network and appended a second step sequence to metrics.jsonl."
+    run = tmp_path/'run'
+    _cli(['--run_dir', run, '--steps', 2, '--ckpt_every', 2, *TINY], tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob('*') if p.is_file()}
+    msg = _one_line_error(_cli(['--run_dir', run, '--steps', 2, '--ckpt_every', 2, *TINY], tmp_path, check=False))
+    assert f'{run}: holds a previous run' in msg and 'use --resume to continue it or --overwrite to replace it' in msg
+    assert {p: p.read_bytes() for p in run.rglob('*') if p.is_file()} == before  # nothing touched
+    _cli(['--run_dir', run, '--steps', 3, '--ckpt_every', 2, '--overwrite', *TINY], tmp_path)
+    assert [json.loads(l)['step'] for l in (run/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (run/'checkpoints').iterdir()) == ['step-00000002', 'step-00000003']
+    msg = _one_line_error(_cli(['--run_dir', run, '--steps', 4, '--resume', 'latest', '--overwrite', *TINY], tmp_path, check=False))
+    assert 'not both' in msg
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['--batch', '-2'], '--batch: expected a positive number, got -2'),
+    (['--steps', '0'], '--steps: expected a positive number, got 0'),
+])
+def test_bad_flag_values_one_line(tmp_path, args, msg):
+    base = [a for a in TINY if a not in ('--batch', '4')] if '--batch' in args else TINY
+    r = _cli(['--run_dir', tmp_path/'r', *base, *args] + ([] if '--steps' in args else ['--steps', '1']), tmp_path, check=False)
+    assert msg in _one_line_error(r)
+    assert not (tmp_path/'r').exists()  # refused before anything was written
+
+
+def test_flag_checks_in_process(tmp_path):
+    from distill_nb.core import UserError
+    from distill_nb.edm_train import train_edm, _check_edm_args
+    kw = dict(toy_n=8, batch=4, sample_every=0, device='cpu', progress=False, steps=1)
+    for bad, msg in [(dict(ema_rampup_ratio=-0.1), '--ema_rampup'), (dict(dropout=1.5), '--dropout: expected a probability in [0, 1], got 1.5'),
+                     (dict(lr=-1e-3), '--lr'), (dict(ckpt_every=0), '--ckpt_every'), (dict(log_every=-1), '--log_every'),
+                     (dict(toy_classes=0), '--toy_classes'), (dict(ema_halflife_kimg=-1.), '--ema: expected a non-negative number, got -1.0'),
+                     (dict(resolution=0), '--resolution: expected a positive number, got 0'), (dict(steps=-2), '--steps'),
+                     (dict(steps=None, kimg=0.), '--kimg'), (dict(batch=2.5), '--batch: expected an integer, got 2.5')]:
+        with pytest.raises(UserError, match=msg.replace('[', r'\[').replace(']', r'\]')): train_edm(tmp_path/'x', **{**kw, **bad})
+    import inspect
+    args = {k: v.default for k, v in inspect.signature(train_edm).parameters.items()}
+    with pytest.raises(UserError, match=r'--batch: 64 is not divisible by the number of processes \(3\)'): _check_edm_args(args, 3)
+    _check_edm_args(args, 4)  # 64 = 4 x 16 is fine
+    assert not (tmp_path/'x').exists()
+
+
+def test_resume_with_a_network_that_does_not_fit(tmp_path):
+    "A checkpoint of a 16 px run resumed on 8 px data: a UserError naming both resolutions (was a raw size-mismatch RuntimeError)."
+    from distill_nb.core import UserError
+    from distill_nb.edm_train import train_edm
+    kw = dict(toy_n=8, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=1)
+    train_edm(tmp_path/'r', steps=1, **kw)
+    with pytest.raises(UserError, match=r"does not match this run's EDMPrecond \(img_resolution 16 in the file, 8 here"):
+        train_edm(tmp_path/'r', steps=2, resolution=8, resume='latest', **kw)
+
+
+def test_truncated_latest_checkpoint_falls_back_exactly(tmp_path):
+    "A truncated newest checkpoint: a warning naming the file, then an exact resume from the previous one (was a PytorchStreamReader error naming no file)."
+    from distill_nb.edm_train import train_edm
+    kw = dict(toy_n=16, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=2, max_keep=None, lr=5e-3)
+    full = train_edm(tmp_path/'a', steps=6, **kw)
+    train_edm(tmp_path/'b', steps=4, **kw)
+    ts = tmp_path/'b'/'checkpoints'/'step-00000004'/'training_state.pt'
+    ts.write_bytes(ts.read_bytes()[:ts.stat().st_size // 3])
+    with pytest.warns(UserWarning, match=f'{ts}: unreadable.*falling back'):
+        res = train_edm(tmp_path/'b', steps=6, resume='latest', **kw)
+    assert res.resume_dir.name == 'step-00000002'
+    for p, q in zip(full.unwrapped('net').parameters(), res.unwrapped('net').parameters()): assert torch.equal(p, q)
+    assert (tmp_path/'b'/'checkpoints'/'abandoned'/'step-00000004').is_dir()  # set aside, out of rotation and of 'latest'
+
+
+def test_truncated_checkpoints_cli_message(tmp_path):
+    "No readable checkpoint left: one line naming the folder."
+    run = tmp_path/'run'
+    _cli(['--run_dir', run, '--steps', 2, '--ckpt_every', 2, *TINY], tmp_path)
+    ts = run/'checkpoints'/'step-00000002'/'training_state.pt'; ts.write_bytes(ts.read_bytes()[:100])
+    r = _cli(['--run_dir', run, '--steps', 4, '--resume', 'latest', *TINY], tmp_path, check=False)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+    assert f"edm_train: error: {run/'checkpoints'}: no readable checkpoint (1 found" in r.stderr
+    assert str(ts) in r.stderr  # the warning named the bad file
+
+
+def test_full_disk_writing_the_final_network(tmp_path, monkeypatch):
+    "ENOSPC while writing network-final: the path and the surviving checkpoint are named; no partial file is left."
+    import errno
+    from distill_nb import edm_train
+    from distill_nb.core import UserError
+    def full_disk(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(edm_train, 'save_module', full_disk)
+    run = tmp_path/'r'
+    with pytest.raises(UserError) as e:
+        edm_train.train_edm(run, toy_n=8, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=2, steps=2)
+    assert str(e.value) == (f"{run/'network-final.safetensors'}: could not write the final network (No space left on device); "
+                            f"the previous checkpoint {run/'checkpoints'/'step-00000002'} is intact")
+    assert not any(p.name.startswith('.tmp') for p in run.iterdir())

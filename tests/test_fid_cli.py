@@ -57,7 +57,8 @@ def test_cli_ref_then_calc(setup):
     d = load_detector(det)
     fg = torch.cat([d(torch.from_numpy(np.stack([np.asarray(Image.open(gen / f'{i:05d}.png')) for i in range(10)])).permute(0, 3, 1, 2))['2048']])
     ref = load_ref_stats(tmp / 'ref.npz')
-    assert abs(frechet_distance(*feature_stats(fg), ref['mu'], ref['sigma']) - res['fid10']) < 1e-6
+    # the same float64 arithmetic on the same features: relative 1e-6 of the FID (features of another batching differ in float32)
+    assert abs(frechet_distance(*feature_stats(fg), ref['mu'], ref['sigma']) - res['fid10']) < 1e-6 * max(1., res['fid10'])
     assert res['fid10'] > 0
 
 
@@ -71,7 +72,8 @@ def test_cli_detector_from_env_var_and_zip(setup, monkeypatch, capsys):
     capsys.readouterr()
     assert distill_fid('calc', images=str(data), ref=str(tmp / 'ref.npz'), num=12) is None
     res = json.loads(capsys.readouterr().out)
-    assert abs(res['fid12']) < 1e-6  # same images as the reference
+    # same images as the reference: 0 up to sqrtm round-off, relative to the trace of the covariance
+    assert abs(res['fid12']) < 1e-6 * max(1., np.trace(load_ref_stats(tmp / 'ref.npz')['sigma']))
     assert res['protocol']['detector_file'] == str(det)
 
 
@@ -102,7 +104,7 @@ def test_edm_written_npz_is_accepted(setup):
     mu, sigma = feature_stats(d(u8)['2048'])
     np.savez(tmp / 'edm.npz', mu=mu, sigma=sigma)
     res = fid_calc(str(data), str(tmp / 'edm.npz'), num=12, detector=str(det))
-    assert abs(res['fid12']) < 1e-6 and res['protocol']['ref_detector_sha256'] is None
+    assert abs(res['fid12']) < 1e-6 * max(1., np.trace(sigma)) and res['protocol']['ref_detector_sha256'] is None  # round-off vs tr Σ
 
 
 def test_inception_architecture_path(tmp_path):

@@ -14,13 +14,6 @@ from distill_nb.samplers import generate_images, one_step_sample, edm_latents_an
 from distill_nb.core import to_uint8
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    "Tiny networks run fastest on one thread (and OpenMP spinning on a busy 2-core CI box costs seconds)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def env(**kw):
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1', **kw)
 
@@ -63,8 +56,12 @@ def test_edm_pickle_matches_sampler(tmp_path, nets):
     got = pngs(tmp_path / 'out')
     assert sorted(got) == ['000000/000000.png', '000000/000001.png', '000000/000002.png', '000000/000003.png',
                            '000000/000004.png', '001000/001001.png']
-    ref = generate_images(net, [0, 1, 2, 3, 4, 1001], batch_size=6, device='cpu', num_steps=3, S_churn=5.)
+    # exact PNG parity with the same batching (--batch=2); another batch size changes float32 conv rounding, and one
+    # pixel in 6x8x8x3 flipped by one uint8 level at batch 6 (torch 2.14.1 CPU), so across batchings allow 1 level
+    ref = generate_images(net, [0, 1, 2, 3, 4, 1001], batch_size=2, device='cpu', num_steps=3, S_churn=5.)
     for i, k in enumerate(sorted(got)): assert np.array_equal(got[k], ref[i].permute(1, 2, 0).numpy()), k
+    ref6 = generate_images(net, [0, 1, 2, 3, 4, 1001], batch_size=6, device='cpu', num_steps=3, S_churn=5.)
+    for i, k in enumerate(sorted(got)): assert np.abs(got[k].astype(int) - ref6[i].permute(1, 2, 0).numpy()).max() <= 1, k
 
 def test_class_flag_and_errors(tmp_path, nets):
     "`--class` (EDM's spelling) fixes the label; bad flags and files give clear errors."
@@ -80,7 +77,8 @@ def test_class_flag_and_errors(tmp_path, nets):
     with pytest.raises(SystemExit): p.parse_args(['--outdir', 'o'])            # --network is required
     with pytest.raises(SystemExit): p.parse_args(['--network', 'x', '--outdir', 'o', '--solver', 'rk4'])
     with pytest.raises(ValueError, match='--class'): generate(str(pkl), tmp_path / 'e', seeds='0', class_idx=7, device='cpu', verbose=False)
-    with pytest.raises(FileNotFoundError, match='missing.pkl'): generate(str(tmp_path / 'missing.pkl'), tmp_path / 'e', device='cpu', verbose=False)
+    # a missing network is a user error naming the file (checkpoints.CheckpointError, a UserError)
+    with pytest.raises((FileNotFoundError, ValueError), match='missing.pkl'): generate(str(tmp_path / 'missing.pkl'), tmp_path / 'e', device='cpu', verbose=False)
 
 def test_one_step_generator(tmp_path, nets):
     net, _, gen = nets

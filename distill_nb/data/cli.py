@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from .lmdb_dataset import LMDBDataset, LMDBWriter, NO_LABEL
 from .images import ImageFolderDataset, CSVImageDataset, center_crop_resize, write_edm_dataset
-from ..core import cli
+from ..core import cli, UserError, check_positive
 
 # %% auto #0
 __all__ = ['MODES', 'open_dataset', 'dataset_info', 'format_info', 'convert_dataset', 'run_dataset_cli', 'distill_dataset']
@@ -59,7 +59,7 @@ def convert_dataset(source: str | Path, # LMDB folder, image folder or .zip
                     skip_bad: bool = False, # leave out bad images instead of failing
                     log=print) -> dict: # where progress messages go
     "Convert a dataset to DMD2's LMDB or EDM's PNG layout, atomically; returns counts and the list of bad files."
-    if fmt not in ('lmdb', 'edm'): raise ValueError(f"fmt must be 'lmdb' or 'edm', got {fmt!r}")
+    if fmt not in ('lmdb', 'edm'): raise UserError(f"fmt must be 'lmdb' or 'edm', got {fmt!r}")
     dest = Path(dest)
     if dest.exists(): raise FileExistsError(f'{dest}: destination exists; refusing to overwrite it')
     ds = open_dataset(source, csv)
@@ -74,12 +74,12 @@ def convert_dataset(source: str | Path, # LMDB folder, image folder or .zip
                 img, label = (ds.raw(i) if isinstance(ds, LMDBDataset) else (ds.decode(i), ds.label(i)))
                 if resolution: img = center_crop_resize(img, resolution)
                 if shape is None: shape = img.shape
-                elif img.shape != shape: raise ValueError(f'{name}: shape {img.shape} differs from the first image {shape}')
+                elif img.shape != shape: raise UserError(f'{name}: shape {img.shape} differs from the first image {shape}')
             except (ValueError, OSError) as e:
                 bad.append(str(e)); continue
             yield img, label, name
         if bad and not skip_bad:
-            raise ValueError(f'{len(bad)} bad image(s) in {source}; nothing was written. First ones:\n  ' + '\n  '.join(bad[:20]))
+            raise UserError(f'{len(bad)} bad image(s) in {source}; nothing was written. First ones:\n  ' + '\n  '.join(bad[:20]))
 
     if fmt == 'lmdb':
         names = getattr(ds, 'label_names', None) or (ds.meta.get('label_names') if isinstance(ds, LMDBDataset) else None)
@@ -94,13 +94,26 @@ def convert_dataset(source: str | Path, # LMDB folder, image folder or .zip
 # %% ../../nbs/13_dataset_cli.ipynb #91a23dbe
 MODES = ('to-lmdb', 'to-edm', 'info')
 
+def _check_dest(dest: Path):
+    "Refuse an existing --dest, or one inside a regular file, before reading anything."
+    if dest.exists(): raise UserError(f'{dest}: --dest exists; refusing to overwrite it')
+    for q in dest.parents:
+        if q.exists():
+            if not q.is_dir(): raise UserError(f'{dest}: --dest lies inside {q}, which is a file, not a folder')
+            break
+
 def run_dataset_cli(mode: str, source: str | None, dest: str | None = None, csv: str | None = None,
                     resolution: int | None = None, max_images: int | None = None, skip_bad: bool = False):
     "Plain-function body of `distill_dataset`."
-    if mode not in MODES: raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-    if not source: raise ValueError('--source is required')
+    if mode not in MODES: raise UserError(f'mode must be one of {MODES}, got {mode!r}')
+    if not source: raise UserError('--source is required')
+    if not Path(source).exists(): raise UserError(f'{source}: no such file or folder (from --source)')
+    if csv is not None and not Path(csv).is_file(): raise UserError(f'{csv}: no such file (from --csv); expected a CSV with columns id,label')
+    if resolution is not None: check_positive('--resolution', resolution)
+    if max_images is not None: check_positive('--max_images', max_images)
     if mode == 'info': print(format_info(dataset_info(source, csv))); return
-    if not dest: raise ValueError(f'--dest is required for {mode}')
+    if not dest: raise UserError(f'--dest is required for {mode}')
+    _check_dest(Path(dest))
     convert_dataset(source, dest, 'lmdb' if mode == 'to-lmdb' else 'edm', csv, resolution, max_images, skip_bad)
 
 @cli
@@ -112,5 +125,4 @@ def distill_dataset(mode: str, # to-lmdb | to-edm (folder, or zip if --dest ends
                     max_images: int = None, # convert only the first N images
                     skip_bad: bool = False): # leave out unreadable/mismatched images instead of failing
     "Convert and inspect datasets: image folder/zip/CSV -> DMD2 LMDB, LMDB -> EDM folder/zip, info."
-    try: run_dataset_cli(mode, source, dest, csv, resolution, max_images, skip_bad)
-    except (ValueError, KeyError, OSError) as e: raise SystemExit(f'distill_dataset: error: {e}') from None
+    run_dataset_cli(mode, source, dest, csv, resolution, max_images, skip_bad)

@@ -10,8 +10,8 @@ from typing import Iterable
 import numpy as np
 import PIL.Image
 import torch
-from ..core import from_uint8, atomic_path
-from .lmdb_dataset import NO_LABEL
+from ..core import from_uint8, atomic_path, UserError
+from .lmdb_dataset import NO_LABEL, check_labels
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'CIFAR10_CLASSES', 'is_image_name', 'decode_image', 'encode_png', 'center_crop_resize', 'edm_image_name',
@@ -32,13 +32,13 @@ def decode_image(data: bytes, # encoded image file contents
             im.load()
             if im.mode not in ('L', 'RGB'): im = im.convert('RGB')
             a = np.asarray(im, dtype=np.uint8)
-    except Exception as e: raise ValueError(f'{name}: cannot read image ({type(e).__name__}: {e})') from e
+    except Exception as e: raise UserError(f'{name}: cannot read image ({type(e).__name__}: {e})') from e
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
 def encode_png(img: np.ndarray) -> bytes:
     "Uncompressed PNG bytes of a uint8 CHW image with 1 or 3 channels (EDM's `dataset_tool` setting)."
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[0] not in (1, 3):
-        raise ValueError(f'expected a uint8 CHW image with 1 or 3 channels, got {img.dtype} {tuple(img.shape)}')
+        raise UserError(f'expected a uint8 CHW image with 1 or 3 channels, got {img.dtype} {tuple(img.shape)}')
     im = PIL.Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), 'L' if img.shape[0] == 1 else 'RGB')
     b = io.BytesIO(); im.save(b, format='png', compress_level=0, optimize=False)
     return b.getvalue()
@@ -94,9 +94,9 @@ def write_edm_dataset(dest: str | Path, # destination folder, or a '.zip' file
         for i, (img, label) in enumerate(rows):
             img = np.asarray(img)
             if shape is None: shape = img.shape
-            elif img.shape != shape: raise ValueError(f'image {i}: shape {img.shape} differs from the first image {shape}; all images must match')
+            elif img.shape != shape: raise UserError(f'image {i}: shape {img.shape} differs from the first image {shape}; all images must match')
             put(edm_image_name(i), encode_png(img)); labels.append(int(label))
-        if not labels: raise ValueError(f'{dest}: no images to write')
+        if not labels: raise UserError(f'{dest}: no images to write')
         has = [l != NO_LABEL for l in labels]
         if any(has) and not all(has): warnings.warn(f'{dest}: {has.count(False)} of {len(has)} images have no label; writing "labels": null like dataset_tool')
         meta = {'labels': [[edm_image_name(i), l] for i, l in enumerate(labels)] if all(has) else None}
@@ -116,10 +116,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         elif self.path.is_file() and self.path.suffix.lower() == '.zip':
             self.kind = 'zip'
             try: names = [n for n in self._zipfile().namelist() if not n.endswith('/')]
-            except zipfile.BadZipFile as e: raise ValueError(f'{self.path}: not a valid zip file ({e})') from e
+            except zipfile.BadZipFile as e: raise UserError(f'{self.path}: not a valid zip file ({e})') from e
         else: raise FileNotFoundError(f'{self.path}: expected a folder or a .zip file')
         self.names = sorted(n for n in names if is_image_name(n))
-        if not self.names: raise ValueError(f'{self.path}: no image files found ({", ".join(sorted(IMAGE_EXTS))})')
+        if not self.names: raise UserError(f'{self.path}: no image files found ({", ".join(sorted(IMAGE_EXTS))})')
         self.label_names, self._labels = None, None
         if use_labels and 'dataset.json' in names: self._labels = self._read_labels()
         self._shape = None
@@ -136,16 +136,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _read_labels(self):
         try: meta = json.loads(self.read_bytes('dataset.json'))
-        except (ValueError, UnicodeDecodeError) as e: raise ValueError(f'{self.path}/dataset.json: not valid JSON ({e})') from e
-        if not isinstance(meta, dict) or 'labels' not in meta: raise ValueError(f'{self.path}/dataset.json: expected {{"labels": [[name, label], ...] or null}}')
+        except (ValueError, UnicodeDecodeError) as e: raise UserError(f'{self.path}/dataset.json: not valid JSON ({e})') from e
+        if not isinstance(meta, dict) or 'labels' not in meta: raise UserError(f'{self.path}/dataset.json: expected {{"labels": [[name, label], ...] or null}}')
         if meta['labels'] is None: return None
         try: table = {str(n).replace('\\', '/'): l for n, l in meta['labels']}
-        except (TypeError, ValueError): raise ValueError(f'{self.path}/dataset.json: "labels" must be a list of [name, label] pairs') from None
+        except (TypeError, ValueError): raise UserError(f'{self.path}/dataset.json: "labels" must be a list of [name, label] pairs') from None
         out = []
         for n in self.names:
-            if n not in table: raise ValueError(f'{self.path}/dataset.json: no label for image {n}')
+            if n not in table: raise UserError(f'{self.path}/dataset.json: no label for image {n}')
             l = table[n]
-            if not isinstance(l, int) or l < 0: raise ValueError(f'{self.path}/dataset.json: label of {n} is {l!r}; expected a non-negative int (vector labels are not supported)')
+            if not isinstance(l, int) or l < 0: raise UserError(f'{self.path}/dataset.json: label of {n} is {l!r}; expected a non-negative int (vector labels are not supported)')
             out.append(l)
         return np.array(out, dtype=np.int64)
 
@@ -161,8 +161,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     @property
     def label_dim(self) -> int:
-        "Number of classes (`max label + 1`, EDM's rule); 0 without labels."
-        return 0 if self._labels is None else int(self._labels.max()) + 1
+        "Number of classes (`max label + 1`, EDM's rule, after `check_labels`); 0 without labels."
+        if self._labels is None: return 0
+        return check_labels(self._labels, f'{self.path}/dataset.json', None, lambda i: f'the label of {self.names[i]}')
 
     @property
     def image_shape(self) -> tuple:
@@ -178,7 +179,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         "Item `i` as (uint8 CHW array, int label)."
         img = self.decode(i)
         if img.shape != self.image_shape:
-            raise ValueError(f'{self.path}/{self.names[i]}: shape {img.shape} differs from the first image {self.image_shape}; all images must match')
+            raise UserError(f'{self.path}/{self.names[i]}: shape {img.shape} differs from the first image {self.image_shape}; all images must match')
         return img, self.label(i)
 
     def __getitem__(self, i: int):
@@ -204,16 +205,20 @@ class CSVImageDataset(ImageFolderDataset):
         with open(self.csv_path, newline='') as f:
             rd = csv.DictReader(f)
             if not rd.fieldnames or not {'id', 'label'} <= {c.strip() for c in rd.fieldnames}:
-                raise ValueError(f'{self.csv_path}: expected columns "id" and "label", got {rd.fieldnames}')
+                raise UserError(f'{self.csv_path}: expected columns "id" and "label", got {rd.fieldnames}')
             for line, row in enumerate(rd, start=2):
                 row = {k.strip(): (v or '').strip() for k, v in row.items() if k}
                 lab = row['label']
                 if lab not in idx:
-                    raise ValueError(f'{self.csv_path}, line {line}: unknown class {lab!r}; expected one of {list(classes)}')
+                    raise UserError(f'{self.csv_path}, line {line}: unknown class {lab!r}; expected one of {list(classes)}')
                 names.append(row['id'] + ext); labels.append(idx[lab])
-        if not names: raise ValueError(f'{self.csv_path}: no rows')
+        if not names: raise UserError(f'{self.csv_path}: no rows')
         missing = [n for n in names if not (self.path/n).is_file()]
         if missing: raise FileNotFoundError(f'{self.path}: {len(missing)} images listed in {self.csv_path.name} are missing, e.g. {missing[:5]}')
+        listed = set(names)
+        extra = sorted(f for f in os.listdir(self.path) if f.endswith(ext) and f not in listed)
+        if extra: warnings.warn(f'{self.csv_path}: {len(extra)} image(s) in {self.path} are not listed and are left out: '
+                                f'{", ".join(extra[:5])}{", ..." if len(extra) > 5 else ""}')
         self.names, self._labels = names, np.array(labels, dtype=np.int64)
 
     @property

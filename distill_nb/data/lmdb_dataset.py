@@ -4,17 +4,17 @@
 
 # %% ../../nbs/10_data_lmdb.ipynb #2fa4061d
 from __future__ import annotations
-import json, os, shutil, tempfile
+import json, os, shutil, tempfile, warnings
 from pathlib import Path
 from typing import Iterable
 import numpy as np
 import torch
 import lmdb
-from ..core import from_uint8
+from ..core import from_uint8, UserError
 
 # %% auto #0
 __all__ = ['NO_LABEL', 'META_KEY', 'lmdb_row_key', 'lmdb_shape_key', 'LMDBWriter', 'write_lmdb', 'open_lmdb', 'close_lmdb',
-           'read_lmdb_header', 'LMDBDataset', 'one_hot']
+           'read_lmdb_header', 'check_labels', 'LMDBDataset', 'one_hot']
 
 # %% ../../nbs/10_data_lmdb.ipynb #242cc767
 NO_LABEL = -1  # label stored for images that have no class
@@ -34,7 +34,7 @@ def _as_chw_uint8(image, name) -> np.ndarray:
     "Validate one image as a uint8 CHW numpy array."
     a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3:
-        raise ValueError(f'{name}: expected a uint8 CHW image, got dtype {a.dtype} and shape {tuple(a.shape)}')
+        raise UserError(f'{name}: expected a uint8 CHW image, got dtype {a.dtype} and shape {tuple(a.shape)}')
     return np.ascontiguousarray(a)
 
 class LMDBWriter:
@@ -61,9 +61,9 @@ class LMDBWriter:
         a = _as_chw_uint8(image, name)
         if self.image_shape is None: self.image_shape = a.shape
         elif a.shape != self.image_shape:
-            raise ValueError(f'{name}: image shape {tuple(a.shape)} differs from the first image {tuple(self.image_shape)}; all images must match')
+            raise UserError(f'{name}: image shape {tuple(a.shape)} differs from the first image {tuple(self.image_shape)}; all images must match')
         label = int(label)
-        if label < NO_LABEL: raise ValueError(f'{name}: label {label} is negative')
+        if label < NO_LABEL: raise UserError(f'{name}: label {label} is negative')
         self._buf.append((lmdb_row_key('images', self.n), a.tobytes()))
         self._buf.append((lmdb_row_key('labels', self.n), np.array(label, dtype='<i8').tobytes()))
         self.n += 1
@@ -78,9 +78,11 @@ class LMDBWriter:
                 self._buf = []
             except lmdb.MapFullError:
                 self.map_size *= 2; self.env.set_mapsize(self.map_size)
+            except lmdb.Error as e:  # e.g. 'mdb_txn_commit: No space left on device', which names no file
+                raise UserError(f'{self.path}: cannot write the LMDB ({e}); nothing was written') from e
 
     def _finish(self):
-        if self.n == 0: raise ValueError(f'{self.path}: no images were written')
+        if self.n == 0: raise UserError(f'{self.path}: no images were written')
         shapes = [(lmdb_shape_key('images'), ' '.join(map(str, (self.n, *self.image_shape))).encode()),
                   (lmdb_shape_key('labels'), str(self.n).encode())]
         if self.meta is not None: shapes.append((META_KEY, json.dumps(self.meta).encode()))
@@ -118,7 +120,7 @@ def open_lmdb(path: str | Path): # LMDB folder
     if not path.is_dir() or not (path/'data.mdb').is_file():
         raise FileNotFoundError(f'{path}: not an LMDB folder (expected {path}/data.mdb)')
     try: env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
-    except lmdb.Error as e: raise ValueError(f'{path}: cannot open the LMDB ({e})') from e
+    except lmdb.Error as e: raise UserError(f'{path}: cannot open the LMDB ({e})') from e
     _ENVS[key] = (os.getpid(), env)
     return env
 
@@ -129,9 +131,9 @@ def close_lmdb(path: str | Path):
 
 def _read_shape(txn, path, array) -> tuple:
     v = txn.get(lmdb_shape_key(array))
-    if v is None: raise KeyError(f'{path}: LMDB has no {lmdb_shape_key(array).decode()!r} key; not a DMD2-layout dataset (or the write did not finish)')
+    if v is None: raise UserError(f'{path}: LMDB has no {lmdb_shape_key(array).decode()!r} key; not a DMD2-layout dataset (or the write did not finish)')
     try: return tuple(int(s) for s in bytes(v).decode().split())
-    except ValueError: raise ValueError(f'{path}: key {lmdb_shape_key(array).decode()!r} is {bytes(v)!r}, expected space-separated integers') from None
+    except ValueError: raise UserError(f'{path}: key {lmdb_shape_key(array).decode()!r} is {bytes(v)!r}, expected space-separated integers') from None
 
 def read_lmdb_header(path: str | Path) -> dict:
     "Count, image shape, label shape and optional metadata of an LMDB in DMD2's layout."
@@ -142,12 +144,35 @@ def read_lmdb_header(path: str | Path) -> dict:
             meta = txn.get(META_KEY)
             meta = json.loads(bytes(meta)) if meta else {}
         if len(ishape) != 4 or lshape[:1] != ishape[:1]:
-            raise ValueError(f'{path}: inconsistent shapes images {ishape} / labels {lshape}; expected "N C H W" and "N"')
+            raise UserError(f'{path}: inconsistent shapes images {ishape} / labels {lshape}; expected "N C H W" and "N"')
     except BaseException:
         close_lmdb(path); raise
     return {'count': ishape[0], 'image_shape': ishape[1:], 'label_shape': lshape[1:], 'meta': meta}
 
 # %% ../../nbs/10_data_lmdb.ipynb #61e8a581
+def check_labels(labels: np.ndarray, # int labels, NO_LABEL for images without a class
+                 source: str, # the dataset, for messages
+                 declared: int | None = None, # number of classes the dataset declares (e.g. len(label_names)); None: infer
+                 where=lambda i: f'row {i}', # i -> where label i is stored, for messages
+                 ) -> int:
+    "The number of classes (`declared`, else `max label + 1`, EDM's rule), after checking every label against it."
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and labels.min() < NO_LABEL:
+        i = int(np.argmin(labels)); raise UserError(f'{source}: {where(i)} holds label {labels[i]}; expected a class index >= 0 (or {NO_LABEL}: no class)')
+    if declared is not None:
+        if len(labels) and labels.max() >= declared:
+            i = int(np.argmax(labels))
+            raise UserError(f'{source}: {where(i)} holds label {labels[i]}, outside the {declared} declared classes [0, {declared - 1}]')
+        return declared
+    dim = int(max(labels.max() + 1, 0)) if len(labels) else 0
+    empty = dim - len(np.unique(labels[labels != NO_LABEL]))
+    if 2 * empty > dim:  # most classes empty: an outlier label, not a class count (4 classes + one label 99 -> 100 classes)
+        i = int(np.argmax(labels))
+        raise UserError(f'{source}: {where(i)} holds label {labels[i]}, which would make {dim} classes of which {empty} have no image; '
+                        f'fix that label, or declare the classes (label_names in the metadata) if the gaps are intended')
+    if empty: warnings.warn(f'{source}: {empty} of the {dim} classes (max label + 1) have no image')
+    return dim
+
 class LMDBDataset(torch.utils.data.Dataset):
     "Images and labels from an LMDB in DMD2's layout (Yin et al. 2024); `(float CHW in [-1,1], int label)`."
     def __init__(self, path: str | Path): # LMDB folder
@@ -167,7 +192,7 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def _get(self, txn, key: bytes) -> bytes:
         v = txn.get(key)
-        if v is None: raise KeyError(f'{self.path}: missing key {key.decode()!r} (corrupt or truncated LMDB)')
+        if v is None: raise UserError(f'{self.path}: missing key {key.decode()!r} (corrupt or truncated LMDB)')
         return v
 
     def _check_index(self, i) -> int:
@@ -176,7 +201,7 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     def _label(self, txn, i) -> int:
         lb = self._get(txn, lmdb_row_key('labels', i))
-        if len(lb) != 8: raise ValueError(f'{self.path}: label {i} has {len(lb)} bytes, expected one int64 (8)')
+        if len(lb) != 8: raise UserError(f'{self.path}: label {i} has {len(lb)} bytes, expected one int64 (8)')
         return int(np.frombuffer(lb, dtype='<i8')[0])
 
     def raw(self, i: int) -> tuple[np.ndarray, int]:
@@ -184,7 +209,7 @@ class LMDBDataset(torch.utils.data.Dataset):
         i, n = self._check_index(i), int(np.prod(self.image_shape))
         with self._env().begin() as txn:
             b = self._get(txn, lmdb_row_key('images', i))
-            if len(b) != n: raise ValueError(f'{self.path}: row {i} has {len(b)} bytes, expected {n} for shape {self.image_shape}')
+            if len(b) != n: raise UserError(f'{self.path}: row {i} has {len(b)} bytes, expected {n} for shape {self.image_shape}')
             return np.frombuffer(b, dtype=np.uint8).reshape(self.image_shape).copy(), self._label(txn, i)
 
     def label(self, i: int) -> int:
@@ -201,10 +226,11 @@ class LMDBDataset(torch.utils.data.Dataset):
 
     @property
     def label_dim(self) -> int:
-        "Number of classes: `len(label_names)` if stored, else `max label + 1` (EDM's rule); 0 when unlabeled."
+        "Number of classes: `len(label_names)` if stored, else `max label + 1` (EDM's rule); 0 when unlabeled; labels checked (`check_labels`)."
         if not hasattr(self, '_label_dim'):
             names = self.meta.get('label_names')
-            self._label_dim = len(names) if names else int(max(self.labels().max() + 1, 0))
+            self._label_dim = check_labels(self.labels(), str(self.path), len(names) if names else None,
+                                           lambda i: f"key {lmdb_row_key('labels', i).decode()}")
         return self._label_dim
 
     def __getstate__(self): return {k: v for k, v in self.__dict__.items() if k != '_handle'}
@@ -221,5 +247,5 @@ def one_hot(labels, # int labels [B] (tensor, array or list)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(labels) and (labels.min() < 0 or labels.max() >= label_dim):
         bad = labels[(labels < 0) | (labels >= label_dim)][0].item()
-        raise ValueError(f'label {bad} outside [0, {label_dim}) (label {NO_LABEL} means the image has no class)')
+        raise UserError(f'label {bad} outside [0, {label_dim}) (label {NO_LABEL} means the image has no class)')
     return torch.nn.functional.one_hot(labels, label_dim).float()

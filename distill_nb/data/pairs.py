@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 import h5py
-from ..core import StackedRandomGenerator, atomic_path, get_device
+from ..core import StackedRandomGenerator, atomic_path, get_device, UserError
 from .lmdb_dataset import NO_LABEL, one_hot
 
 # %% auto #0
@@ -35,16 +35,16 @@ def write_pairs(path: str | Path, # destination .hdf5 (must not exist)
     "Sample teacher images for per-seed latents and store (image, latent) pairs in DMD v1's HDF5 layout (Yin et al. 2024)."
     path, device = Path(path), get_device(device)
     if path.exists(): raise FileExistsError(f'{path}: destination exists; refusing to overwrite it')
-    if sample_fn is None: raise ValueError('write_pairs: pass sample_fn(net, latents, class_labels) -> images')
+    if sample_fn is None: raise UserError('write_pairs: pass sample_fn(net, latents, class_labels) -> images')
     seeds = [int(s) for s in seeds]
-    if not seeds: raise ValueError('write_pairs: no seeds')
+    if not seeds: raise UserError('write_pairs: no seeds')
     label_dim = int(getattr(net, 'label_dim', 0) or 0)
     if class_labels is None:
-        if label_dim: raise ValueError(f'write_pairs: the net is class-conditional (label_dim={label_dim}); pass class_labels')
+        if label_dim: raise UserError(f'write_pairs: the net is class-conditional (label_dim={label_dim}); pass class_labels')
         class_labels = [NO_LABEL] * len(seeds)
     class_labels = [int(c) for c in class_labels]
-    if len(class_labels) != len(seeds): raise ValueError(f'write_pairs: {len(class_labels)} class_labels for {len(seeds)} seeds')
-    if label_dim and not all(0 <= c < label_dim for c in class_labels): raise ValueError(f'write_pairs: class_labels must lie in [0, {label_dim})')
+    if len(class_labels) != len(seeds): raise UserError(f'write_pairs: {len(class_labels)} class_labels for {len(seeds)} seeds')
+    if label_dim and not all(0 <= c < label_dim for c in class_labels): raise UserError(f'write_pairs: class_labels must lie in [0, {label_dim})')
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
     idx = range(0, len(seeds), batch_size)
     if progress:
@@ -57,9 +57,9 @@ def write_pairs(path: str | Path, # destination .hdf5 (must not exist)
             bs, bc = seeds[i0:i0 + batch_size], class_labels[i0:i0 + batch_size]
             z = StackedRandomGenerator(device, bs).randn([len(bs), *shape])
             with torch.no_grad(): x = sample_fn(net, z, one_hot(bc, label_dim) if label_dim else None)
-            if tuple(x.shape) != tuple(z.shape): raise ValueError(f'sample_fn returned shape {tuple(x.shape)}, expected {tuple(z.shape)}')
+            if tuple(x.shape) != tuple(z.shape): raise UserError(f'sample_fn returned shape {tuple(x.shape)}, expected {tuple(z.shape)}')
             bad = (~torch.isfinite(x.reshape(len(bs), -1)).all(1)).nonzero().flatten().tolist()
-            if bad: raise ValueError(f'sample_fn returned non-finite images for seeds {[bs[j] for j in bad][:10]}')
+            if bad: raise UserError(f'sample_fn returned non-finite images for seeds {[bs[j] for j in bad][:10]}')
             pairs = torch.stack([x.detach(), z], 1).cpu().numpy().astype(dtype)
             for j in range(len(bs)):
                 d = data.create_dataset(str(i0 + j), data=pairs[j])
@@ -74,14 +74,14 @@ class PairsDataset(torch.utils.data.Dataset):
         if not self.path.is_file(): raise FileNotFoundError(f'{self.path}: pairs file not found')
         try:
             with h5py.File(self.path, 'r') as f:
-                if 'data' not in f: raise KeyError(f'{self.path}: no /data group; expected DMD v1 pairs layout')
+                if 'data' not in f: raise UserError(f'{self.path}: no /data group; expected DMD v1 pairs layout')
                 self.count = len(f['data'])
                 first = f['data'].get('0')
-                if first is None: raise KeyError(f'{self.path}: no /data/0; pairs must be numbered 0..N-1')
+                if first is None: raise UserError(f'{self.path}: no /data/0; pairs must be numbered 0..N-1')
                 self.pair_shape = tuple(first.shape)
-        except OSError as e: raise ValueError(f'{self.path}: cannot read as HDF5 ({e})') from e
+        except OSError as e: raise UserError(f'{self.path}: cannot read as HDF5 ({e})') from e
         if len(self.pair_shape) != 4 or self.pair_shape[0] != 2:
-            raise ValueError(f'{self.path}: /data/0 has shape {self.pair_shape}; expected [2, C, H, W] = [image, latent]')
+            raise UserError(f'{self.path}: /data/0 has shape {self.pair_shape}; expected [2, C, H, W] = [image, latent]')
 
     def __len__(self): return self.count
 
@@ -90,12 +90,12 @@ class PairsDataset(torch.utils.data.Dataset):
         if self._f is None or self._pid != os.getpid(): self._f, self._pid = h5py.File(self.path, 'r'), os.getpid()
         key = str(int(i) % self.count)
         d = self._f['data'].get(key)
-        if d is None: raise KeyError(f'{self.path}: missing /data/{key}')
+        if d is None: raise UserError(f'{self.path}: missing /data/{key}')
         return d
 
     def __getitem__(self, i: int):
         d = self._entry(i); a = d[()]
-        if a.shape != self.pair_shape: raise ValueError(f'{self.path}: /data/{d.name.split("/")[-1]} has shape {a.shape}, expected {self.pair_shape}')
+        if a.shape != self.pair_shape: raise UserError(f'{self.path}: /data/{d.name.split("/")[-1]} has shape {a.shape}, expected {self.pair_shape}')
         a = torch.from_numpy(np.asarray(a, dtype=np.float32))
         return a[1], a[0], int(d.attrs.get('class_idx', NO_LABEL))
 
