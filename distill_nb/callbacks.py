@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 from .core import atomic_write, atomic_path, to_uint8, unwrap_model, rng_state, set_rng_state, UserError
 from .learner import (Callback, Learner, list_checkpoints, save_module, load_module_state, batch_size_of, write_guard,
@@ -65,14 +66,18 @@ def _ema_step_name(learn: Learner, model: str) -> str:
         if any(id(p) in ids for p in s.params): return s.name
     raise ValueError(f'EMA: model {model!r} is not trained by any step ({[s.name for s in learn.steps]})')
 
-def _ema_before_fit(self: EMA, learn: Learner):
+@patch
+def before_fit(self: EMA, learn: Learner):
+    "Make the averaged copies (unless loaded) and find the step that trains the model."
     if self.model_name not in learn.models: raise ValueError(f'EMA: no model {self.model_name!r}; models are {list(learn.models)}')
     self.learn = learn
     self.step_name = self.step_name or _ema_step_name(learn, self.model_name)
     src = unwrap_model(learn.models[self.model_name])
     if not self.models: self.models = {tag: copy.deepcopy(src).eval().requires_grad_(False) for _, _, tag in self.rates}
 
-def _ema_after_update(self: EMA, learn: Learner):
+@patch
+def after_update(self: EMA, learn: Learner):
+    "Move every average towards the model after each successful update of its step."
     if learn.train_step.name != self.step_name or learn.skipped: return
     src = unwrap_model(learn.models[self.model_name])
     bs = (batch_size_of(learn.batch) or learn.batch_size or 0) * learn.world_size
@@ -91,17 +96,23 @@ def ema_update(ema: nn.Module, src: nn.Module, beta: float):
     torch._foreach_lerp_(ep, [p.detach().to(e.dtype) for p, e in zip(sp, ep)], 1 - beta)
     for eb, sb in zip(ema.buffers(), src.buffers()): eb.copy_(sb)
 
-EMA.before_fit, EMA.after_update = _ema_before_fit, _ema_after_update
-EMA.state_dict = lambda self: {'n_updates': self.n_updates}
-def _ema_load_state_dict(self, sd): self.n_updates = sd['n_updates']
-def _ema_save_files(self, d: Path):
+@patch
+def state_dict(self: EMA) -> dict: return {'n_updates': self.n_updates}
+@patch
+def load_state_dict(self: EMA, sd: dict): self.n_updates = sd['n_updates']
+
+@patch
+def save_files(self: EMA, d: Path):
+    "Write each average into checkpoint folder `d`."
     for tag, m in self.models.items(): save_module(m, Path(d)/self.fname(tag), meta={'ema_of': self.model_name, 'ema_tag': tag})
-def _ema_load_files(self, d: Path):
+
+@patch
+def load_files(self: EMA, d: Path):
+    "Load each average from checkpoint folder `d`."
     for tag, m in self.models.items():
         f = Path(d)/self.fname(tag)
         if not f.exists(): raise FileNotFoundError(f'resume: {f} missing (EMA {tag!r} of {self.model_name!r} not in the checkpoint)')
         load_module_state(m, f)
-EMA.load_state_dict, EMA.save_files, EMA.load_files = _ema_load_state_dict, _ema_save_files, _ema_load_files
 
 # %% ../nbs/21_callbacks.ipynb #8a4835c3
 def rotate_checkpoints(ckpt_dir: str | Path, # folder of `step-*` checkpoints

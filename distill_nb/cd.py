@@ -4,11 +4,10 @@
 
 # %% ../nbs/40_cd.ipynb #03513cf0
 from __future__ import annotations
-import math, pickle
+import math
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import torch
-import torch.nn.functional as F
 from torch import nn
 from .core import register, store_init_kwargs, module_config, unwrap_model, seed_everything, to_jsonable
 from .schedules import karras_sigmas
@@ -17,14 +16,14 @@ from .checkpoints import save_network, load_network
 from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed,
                                 list_checkpoints, write_guard)
 from .callbacks import EMA, Checkpointer, MetricsLogger
-from .core import cli, UserError, check_positive, check_range, check_file
+from .core import cli, UserError, check_positive, check_range, check_file, one_hot_labels
+from .losses import l2_distance, pseudo_huber_c, pseudo_huber, lpips_from_registry
 from .data.lmdb_dataset import NO_LABEL
 
 # %% auto #0
-__all__ = ['CD_OUTPUT', 'consistency_from_teacher', 'teacher_ode_step', 'pseudo_huber_c', 'cd_distance', 'LPIPS',
-           'ConsistencyDistillationLoss', 'AffineNet', 'ToyMLPNet', 'cd_learner', 'eval_network',
-           'save_consistency_model', 'CDConfig', 'check_choice', 'check_count', 'check_rate', 'check_sigmas',
-           'check_cd_config', 'check_cd_data', 'train_cd', 'cd_train']
+__all__ = ['CD_OUTPUT', 'consistency_from_teacher', 'teacher_ode_step', 'cd_distance', 'ConsistencyDistillationLoss', 'AffineNet',
+           'ToyMLPNet', 'cd_learner', 'eval_network', 'save_consistency_model', 'CDConfig', 'check_choice',
+           'check_count', 'check_rate', 'check_sigmas', 'check_cd_config', 'check_cd_data', 'train_cd', 'cd_train']
 
 # %% ../nbs/40_cd.ipynb #e184c910
 def consistency_from_teacher(teacher: nn.Module, # EDM-preconditioned teacher (`EDMPrecond`, e.g. from `load_network`)
@@ -64,10 +63,6 @@ def teacher_ode_step(teacher, # denoiser D(x, sigma, labels)
     return x + (lo - hi) * 0.5 * (d + d1)
 
 # %% ../nbs/40_cd.ipynb #0473e209
-def pseudo_huber_c(shape) -> float:
-    "iCT's pseudo-Huber constant c = 0.00054·√d for samples of `shape` (C, H, W) (Song & Dhariwal 2023)."
-    return 0.00054 * math.sqrt(math.prod(shape))
-
 def cd_distance(a: torch.Tensor, # student outputs [B, ...]
                 b: torch.Tensor, # targets [B, ...]
                 kind: str = 'l2', # 'l2', 'pseudo_huber' or 'lpips'
@@ -75,71 +70,12 @@ def cd_distance(a: torch.Tensor, # student outputs [B, ...]
                 huber_c: float | None = None) -> torch.Tensor: # pseudo-Huber c (default 0.00054·√d)
     "Per-sample consistency distance: mean squared error, pseudo-Huber (iCT) or LPIPS; shape [B]."
     a, b = a.float(), b.float()
-    if kind == 'l2': return (a - b).square().flatten(1).mean(1)
-    if kind == 'pseudo_huber':
-        c = pseudo_huber_c(a.shape[1:]) if huber_c is None else huber_c
-        return ((a - b).square().flatten(1).sum(1) + c * c).sqrt() - c
+    if kind == 'l2': return l2_distance(a, b)
+    if kind == 'pseudo_huber': return pseudo_huber(a, b, huber_c)
     if kind == 'lpips':
-        if lpips is None: raise ValueError("cd_distance: kind='lpips' needs an LPIPS module (see `LPIPS`)")
+        if lpips is None: raise ValueError("cd_distance: kind='lpips' needs an LPIPS module (see `losses.lpips_from_registry`)")
         return lpips(a, b)
     raise UserError(f"--loss: expected 'l2', 'pseudo_huber' or 'lpips', got {kind!r}")
-
-# %% ../nbs/40_cd.ipynb #6d9133e0
-_LPIPS_SHIFT, _LPIPS_SCALE = (-.030, -.088, -.188), (.458, .448, .450)
-_VGG_CUTS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16().features
-
-def _load_state(path, expected: str) -> dict:
-    "A weights-only `torch.load` of a state dict; an unreadable or foreign file is a `UserError` naming it."
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise UserError(f'{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "truncated"}); expected {expected}') from e
-    if not isinstance(sd, dict): raise UserError(f'{path}: holds a {type(sd).__name__}, expected {expected}')
-    return sd
-
-class LPIPS(nn.Module):
-    "LPIPS-VGG perceptual distance (Zhang et al. 2018) with weights from the local registry; per-sample [B]."
-    def __init__(self, vgg_path: str | Path | None = None, # VGG16 state dict (default: registry 'vgg16-torchvision')
-                 lin_path: str | Path | None = None, # LPIPS heads (default: registry 'vgg16-lpips')
-                 resize: int | None = 224, # bilinear resize before VGG (CM: 224); None keeps the size
-                 download: bool = False): # allow the registry to download missing files
-        super().__init__()
-        import torchvision
-        from distill_nb.weights import resolve_weights
-        vgg_path = resolve_weights('vgg16-torchvision', vgg_path, download=download, check=vgg_path is None)
-        lin_path = resolve_weights('vgg16-lpips', lin_path, download=download, check=lin_path is None)
-        feats = torchvision.models.vgg16(weights=None).features[:30]
-        sd, lin = _load_state(vgg_path, 'a torchvision VGG16 state dict'), _load_state(lin_path, 'the LPIPS heads (lin{k}.model.1.weight)')
-        sd = {k[len('features.'):]: v for k, v in sd.items() if k.startswith('features.') and int(k.split('.')[1]) < 30}
-        try: feats.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise UserError(f'{vgg_path}: not a torchvision VGG16 state dict: {str(e).splitlines()[0]}') from None
-        self.slices = nn.ModuleList([feats[a:b] for a, b in zip((0,) + _VGG_CUTS[:-1], _VGG_CUTS)])
-        chans = (64, 128, 256, 512, 512)
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in chans])
-        for i, l in enumerate(self.lins):
-            k = f'lin{i}.model.1.weight'
-            if k not in lin or lin[k].shape != l.weight.shape: raise UserError(f'{lin_path}: expected LPIPS head {k} of shape {tuple(l.weight.shape)}')
-            l.weight.data.copy_(lin[k])
-        self.register_buffer('shift', torch.tensor(_LPIPS_SHIFT).reshape(1, 3, 1, 1))
-        self.register_buffer('scale', torch.tensor(_LPIPS_SCALE).reshape(1, 3, 1, 1))
-        self.resize = resize
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True): return super().train(False)  # always eval (no dropout, frozen)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.shape[1] == 1: a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
-        if a.shape[1] != 3: raise ValueError(f'LPIPS: expected 1- or 3-channel images, got {a.shape[1]} channels')
-        h = torch.cat([a, b]).float()
-        if self.resize is not None and h.shape[-1] != self.resize:
-            h = F.interpolate(h, size=(self.resize, self.resize), mode='bilinear', align_corners=False)
-        h = (h - self.shift) / self.scale
-        out = 0
-        for sl, lin in zip(self.slices, self.lins):
-            h = sl(h)
-            u = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10)
-            ua, ub = u.chunk(2)
-            out = out + lin((ua - ub).square()).mean((1, 2, 3))
-        return out
 
 # %% ../nbs/40_cd.ipynb #af724828
 def _rng_get(device):
@@ -221,13 +157,6 @@ class ToyMLPNet(nn.Module):
         return self.net(torch.cat(h, 1)).reshape(-1, *self.shape)
 
 # %% ../nbs/40_cd.ipynb #5daf0e00
-def _labels(b, label_dim: int, device):
-    "Class labels of a batch `(x0, labels?)` as one-hot floats, or None."
-    if label_dim == 0 or len(b) < 2: return None
-    lab = b[1]
-    if lab.ndim == 1: lab = F.one_hot(lab.long(), label_dim).float()
-    return lab.to(device)
-
 def _tag(d: float) -> str: return f'{d:g}'
 
 def cd_learner(student: nn.Module, # consistency student (e.g. `consistency_from_teacher`)
@@ -252,7 +181,8 @@ def cd_learner(student: nn.Module, # consistency student (e.g. `consistency_from
         return ema_cb.module(_tag(target_ema)) if target_ema > 0 else unwrap_model(learn.models['student'])
     def cd_step(learn, b):
         x0 = b[0] if isinstance(b, (list, tuple)) else b
-        return loss(learn.models['student'], target(), x0, _labels(b, label_dim, x0.device))
+        labels = b[1] if isinstance(b, (list, tuple)) and len(b) > 1 else None
+        return loss(learn.models['student'], target(), x0, one_hot_labels(labels, label_dim, x0.device))
     learn = Learner({'student': student, 'teacher': teacher}, [TrainStep('cd', cd_step, opt, clip=clip)], loader,
                     cbs=([ema_cb] if ema_cb else []) + list(cbs or []), **learner_kwargs)
     learn.ema_cb, learn.target_ema, learn.eval_ema = ema_cb, target_ema, ema
@@ -374,7 +304,7 @@ def train_cd(cfg: CDConfig, log_fn=print) -> Learner:
     student = consistency_from_teacher(teacher, cfg.sigma_min, cfg.sigma_max)
     ds = _open_data(cfg, teacher)
     check_cd_data(ds, teacher, cfg.data, cfg.teacher_model_path)
-    lp = LPIPS(cfg.lpips_vgg_path, cfg.lpips_lin_path, cfg.lpips_resize).to(info.device) if cfg.loss == 'lpips' else None
+    lp = lpips_from_registry(cfg.lpips_vgg_path, cfg.lpips_lin_path, cfg.lpips_resize).to(info.device) if cfg.loss == 'lpips' else None
     lossfn = ConsistencyDistillationLoss(teacher, cfg.num_scales, cfg.skip, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max,
                                          cfg.rho, cfg.weighting, lpips=lp)
     run_dir = Path(cfg.output_path)

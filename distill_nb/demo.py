@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.script import Param, store_true
-from .core import UserError, check_positive, check_divisible
+from .core import UserError, check_positive, check_divisible, one_hot_labels
 from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable
 from .toydata import ToyShapes, TOY_CLASSES
 from .samplers import edm_sampler, one_step_sample, consistency_sampler
@@ -82,7 +82,7 @@ def demo_latents(n: int, # number of images
                  device='cpu') -> tuple[torch.Tensor, torch.Tensor | None]:
     "Per-seed latents (seeds 0..n-1) and balanced one-hot labels (class i mod label_dim)."
     z = StackedRandomGenerator(device, list(range(n))).randn([n, img_channels, img_resolution, img_resolution])
-    y = F.one_hot(torch.arange(n, device=device) % label_dim, label_dim).float() if label_dim else None
+    y = one_hot_labels(torch.arange(n, device=device) % max(label_dim, 1), label_dim, device)  # None when unconditional
     return z, y
 
 def toy_images(n: int, resolution: int = 16, n_classes: int = 4, seed: int = 1) -> torch.Tensor:

@@ -8,100 +8,34 @@ import sys
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
-import torch.nn.functional as F
 from torch import nn
 from fastcore.script import store_true
-from .core import get_device, seed_everything, UserError, check_positive, check_range
-from .dmd2 import (DMD2, step_range, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, one_hot, save_image_grid,
+from .core import get_device, seed_everything, UserError, check_positive, check_range, one_hot_labels
+from .losses import l2_distance, lpips_from_registry
+from .dmd2 import (DMD2, step_range, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, save_image_grid,
                              fid_callback, default_callbacks)
 from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, list_checkpoints, init_distributed
 from .checkpoints import load_network
 from .core import cli
 
 # %% auto #0
-__all__ = ['DMDGenerator', 'display_samples', 'DM_SIGMA_RANGES', 'LPIPS', 'lpips_from_registry', 'l2_regression', 'regression_fn',
-           'dmd1_step_range', 'dm_index_range', 'DMDConfig', 'dmd_steps', 'DMDMonitor', 'dmd_learner',
-           'iters_per_epoch', 'check_dmd_config', 'check_pairs_fit', 'train_dmd', 'normalize_argv', 'dmd_train',
-           'dmd_train_main']
+__all__ = ['DMDGenerator', 'display_samples', 'DM_SIGMA_RANGES', 'regression_fn', 'dmd1_step_range', 'dm_index_range',
+           'DMDConfig', 'dmd_steps', 'DMDMonitor', 'dmd_learner', 'iters_per_epoch', 'check_dmd_config',
+           'check_pairs_fit', 'train_dmd', 'normalize_argv', 'dmd_train', 'dmd_train_main']
 
 # %% ../nbs/31_dmd.ipynb #be346f0f
 DMDGenerator, display_samples = DMDGenerator, display_samples  # the sampling API is shared with DMD2 (re-exported here)
 
-# %% ../nbs/31_dmd.ipynb #9e0dd5fa
-_LPIPS_TAPS, _LPIPS_CHANNELS = (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)
-
-def _torch_state_dict(path) -> dict:
-    "A state dict from a .safetensors or torch .pth file (read with weights_only=True)."
-    path = str(path)
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(sd, dict): raise ValueError(f'{path}: expected a state dict, got {type(sd).__name__}')
-    return sd
-
-class LPIPS(nn.Module):
-    "LPIPS perceptual distance with a VGG16 backbone (Zhang et al. 2018); per-sample [B] output, frozen weights."
-    def __init__(self, vgg_path: str | Path | None = None, # torchvision VGG16 state dict (keys features.N.*)
-                 lin_path: str | Path | None = None, # LPIPS linear heads (keys lin{k}.model.1.weight)
-                 resize: int | None = 224): # resize inputs to this size first (None: keep)
-        super().__init__()
-        from torchvision.models.vgg import make_layers, cfgs
-        self.features = make_layers(cfgs['D'])[:30]  # torchvision's VGG16 feature stack (without the classifier)
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _LPIPS_CHANNELS)
-        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1))
-        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1))
-        self.resize = resize
-        if vgg_path is not None:
-            sd = {k[len('features.'):]: v for k, v in _torch_state_dict(vgg_path).items() if k.startswith('features.')}
-            sd = {k: v for k, v in sd.items() if int(k.split('.')[0]) < 30}
-            if not sd: raise ValueError(f'{vgg_path}: no features.* tensors; expected a torchvision VGG16 state dict')
-            self.features.load_state_dict(sd)
-        if lin_path is not None:
-            sd = _torch_state_dict(lin_path)
-            try: lin = {f'{k}.weight': sd[f'lin{k}.model.1.weight'] for k in range(5)}
-            except KeyError as e: raise ValueError(f'{lin_path}: missing {e}; expected LPIPS heads lin0..lin4 (torch-fidelity layout)') from None
-            self.lins.load_state_dict(lin)
-        self.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True): return super().train(False)  # always eval
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x, y]).float()
-        if self.resize is not None and h.shape[-1] != self.resize:
-            h = F.interpolate(h, size=(self.resize, self.resize), mode='bilinear', align_corners=False)
-        h = (h - self.shift) / self.scale
-        out = 0
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in _LPIPS_TAPS:
-                k = _LPIPS_TAPS.index(i)
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fx, fy = f.chunk(2)
-                out = out + self.lins[k]((fx - fy) ** 2).mean((1, 2, 3))
-        return out
-
-def lpips_from_registry(vgg_path=None, lin_path=None, resize: int | None = 224, download: bool = False) -> LPIPS:
-    "LPIPS with both weight files resolved through `weights.resolve_weights` (explicit path > env var > cache dir)."
-    from distill_nb.weights import resolve_weights
-    vgg = resolve_weights('vgg16-torchvision', vgg_path, download=download, check=vgg_path is None)
-    lin = resolve_weights('vgg16-lpips', lin_path, download=download, check=lin_path is None)
-    return LPIPS(vgg, lin, resize)
-
 # %% ../nbs/31_dmd.ipynb #d5cbba11
-def l2_regression(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    "Per-sample mean squared error."
-    return (x.float() - y.float()).pow(2).flatten(1).mean(1)
-
 def regression_fn(kind: str = 'auto', # 'auto' (LPIPS if its weights resolve, else L2), 'lpips' or 'l2'
                   vgg_path=None, lin_path=None, resize: int | None = 224, device='cpu', log_fn=print):
     "The per-sample regression loss ℓ(G(z_ref), y_ref) of DMD."
     if kind not in ('auto', 'lpips', 'l2'): raise UserError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {kind!r}")
-    if kind == 'l2': return l2_regression
+    if kind == 'l2': return l2_distance
     try: lp = lpips_from_registry(vgg_path, lin_path, resize).to(get_device(device))
     except FileNotFoundError as e:
         if kind == 'lpips': raise
-        log_fn(f'regression loss: L2 (LPIPS weights not available: {str(e).split(". ")[0]})'); return l2_regression
+        log_fn(f'regression loss: L2 (LPIPS weights not available: {str(e).split(". ")[0]})'); return l2_distance
     log_fn('regression loss: LPIPS (VGG16)')
     return lp
 
@@ -136,17 +70,18 @@ def dmd_steps(model: DMD2, cfg: DMDConfig, reg_fn) -> list[TrainStep]:
     "Generator (DM + λ·regression) and fake-score `TrainStep`s, 1:1 (DMD, Yin et al. 2024)."
     def gen_loss(learn, batch):
         z_ref, y_ref, c = batch
-        y = one_hot(c, model.label_dim) if model.label_dim else None
+        y = one_hot_labels(c, model.label_dim)
         z = torch.randn_like(z_ref); s = model.conditioning_sigma
         yy = torch.cat([y, y]) if y is not None else None
         both = learn.models['generator'](torch.cat([z, z_ref]) * s, torch.full((2 * len(z),), s, device=z.device), yy)
         x, x_ref = both.chunk(2)
         out = model.generator_turn(x, y)
-        learn._dmd2_x = (learn.step, x.detach(), y); learn._dmd_ref = (x_ref.detach(), y_ref); learn._dmd2_vis = out['_vis']
+        # this iteration's state (`Learner.scratch`) for the fake-score step and the monitor's grid
+        learn.scratch.update({'dmd/x': (x.detach(), y), 'dmd/ref': (x_ref.detach(), y_ref), 'dmd/vis': out['_vis']})
         return {'dm': out['loss_dm'], 'reg': cfg.dmd_loss_lambda * reg_fn(x_ref, y_ref.clamp(-1, 1))}
 
     def guidance_loss(learn, batch):
-        _, x, y = learn._dmd2_x
+        x, y = learn.scratch['dmd/x']  # the generator step runs every iteration (1:1), before this one
         return {'fake': model.guidance_turn(x, y, guidance=learn.models['guidance'])['loss_fake']}
 
     kw = dict(kind='adamw', betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
@@ -158,10 +93,10 @@ class DMDMonitor(DMD2Monitor):
     "DMD2's monitor with DMD v1's grid: G(z), D_real, D_fake, G(z_ref), y_ref."
     @torch.no_grad()
     def save_grid(self, learn):
-        vis = getattr(learn, '_dmd2_vis', None); ref = getattr(learn, '_dmd_ref', None)
-        if vis is None or ref is None: return super().save_grid(learn)
+        vis, ref, cur = (learn.scratch.get(f'dmd/{k}') for k in ('vis', 'ref', 'x'))  # this iteration's generator step
+        if vis is None or ref is None or cur is None: return super().save_grid(learn)
         x_t, d_real, d_fake, _ = vis; n = self.cfg.grid_samples
-        x = learn._dmd2_x[1]
+        x = cur[0]
         learn.images['samples_real_fake_ref'] = save_image_grid([x[:n], d_real[:n], d_fake[:n], ref[0][:n], ref[1][:n]],
                                                                Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png')
 

@@ -12,18 +12,19 @@ import torch.nn.functional as F
 from torch import nn
 from fastcore.script import store_true
 from .core import (get_device, append_dims, as_sigma, StackedRandomGenerator, seed_everything, to_uint8,
-                             atomic_write, register, store_init_kwargs, unwrap_model)
+                             atomic_write, register, store_init_kwargs, unwrap_model, one_hot_labels)
+from .losses import edm_weight, denoising_loss, gan_g_loss, gan_d_loss
 from .schedules import karras_train_sigmas, train_index_range
 from .core import cli, UserError, check_positive, check_range, check_file
 
 # %% auto #0
-__all__ = ['DATASETS', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss', 'edm_weight', 'fake_score_loss', 'gan_gen_loss',
-           'gan_disc_loss', 'LearnableGaussianDenoiser', 'ToyEDMDenoiser', 'bottleneck_shape', 'ClassifierHead',
-           'classifier_head_for', 'real_score', 'shared_step_index', 'backward_simulate', 'few_step_sample', 'one_hot',
-           'disable_dropout', 'frozen', 'DMD2Guidance', 'DMD2', 'memory_estimate', 'format_memory_estimate',
-           'DMD2Config', 'save_image_grid', 'rotate_checkpoints', 'copy_checkpoint', 'dmd2_steps', 'DMD2Monitor',
-           'default_callbacks', 'dmd2_learner', 'DMDGenerator', 'display_samples', 'check_dmd2_config',
-           'check_real_data', 'build_dmd2', 'fid_callback', 'train_dmd2', 'dmd2_train']
+__all__ = ['DATASETS', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss', 'LearnableGaussianDenoiser', 'ToyEDMDenoiser',
+           'bottleneck_shape', 'ClassifierHead', 'classifier_head_for', 'real_score', 'shared_step_index',
+           'backward_simulate', 'few_step_sample', 'disable_dropout', 'frozen', 'DMD2Guidance', 'DMD2',
+           'memory_estimate', 'format_memory_estimate', 'DMD2Config', 'save_image_grid', 'rotate_checkpoints',
+           'copy_checkpoint', 'dmd2_steps', 'DMD2Monitor', 'default_callbacks', 'dmd2_learner', 'DMDGenerator',
+           'display_samples', 'check_dmd2_config', 'check_real_data', 'build_dmd2', 'fid_callback', 'train_dmd2',
+           'dmd2_train']
 
 # %% ../nbs/30_dmd2.ipynb #b0f60914
 def step_range(n: int, # grid size (`--num_train_timesteps`)
@@ -58,27 +59,6 @@ def dm_loss(x: torch.Tensor, # generated images (with grad)
            ) -> torch.Tensor:
     "Per-sample DMD surrogate 0.5·mean_CHW(x − sg(x − g))², whose x-gradient is g/CHW."
     return 0.5 * _flat_mean((x.float() - (x.float() - grad).detach()) ** 2)
-
-# %% ../nbs/30_dmd2.ipynb #445a14f7
-def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    "EDM loss weight λ(σ) = 1/σ² + 1/σ_data² (Karras et al. 2022)."
-    return 1 / sigma ** 2 + 1 / sigma_data ** 2
-
-def fake_score_loss(pred: torch.Tensor, # D_fake(x + σε; σ, y)
-                    target: torch.Tensor, # detached generator sample x
-                    sigma: torch.Tensor, # [B] noise levels
-                    sigma_data: float = 0.5) -> torch.Tensor:
-    "Per-sample EDM-weighted denoising loss of the fake score on generator samples (DMD2)."
-    return _flat_mean(append_dims(edm_weight(sigma.float(), sigma_data), pred.ndim) * (pred.float() - target.detach().float()) ** 2)
-
-def gan_gen_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    "Per-sample non-saturating generator GAN loss softplus(−ℓ_fake) (DMD2 §4.3)."
-    return F.softplus(-logits_fake.float()).reshape(logits_fake.shape[0], -1).mean(1)
-
-def gan_disc_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
-    "Per-sample discriminator loss softplus(ℓ_fake) + softplus(−ℓ_real) (DMD2 §4.3)."
-    return (F.softplus(logits_fake.float()).reshape(logits_fake.shape[0], -1).mean(1)
-            + F.softplus(-logits_real.float()).reshape(logits_real.shape[0], -1).mean(1))
 
 # %% ../nbs/30_dmd2.ipynb #bc97febc
 @register
@@ -228,12 +208,6 @@ def few_step_sample(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor 
     return x0
 
 # %% ../nbs/30_dmd2.ipynb #6e3ef5fa
-def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
-    "Integer class ids → float one-hot [B, label_dim] (EDM convention); None when unconditional."
-    if not label_dim or labels is None: return None
-    if labels.ndim == 2 and labels.shape[1] == label_dim: return labels.float()
-    return F.one_hot(labels.long().reshape(-1), label_dim).float()
-
 def disable_dropout(m: nn.Module) -> nn.Module:
     "Set every dropout probability in `m` to 0 (nn.Dropout modules, EDM's float `dropout` attributes, recorded init_kwargs)."
     for mod in m.modules():
@@ -276,11 +250,11 @@ class DMD2Guidance(nn.Module):
         x = x.detach(); n = x.shape[0]
         sigma = sample_grid_sigma(self.karras_sigmas, 0, len(self.karras_sigmas) - 1, n)
         x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-        out = {'loss_fake': fake_score_loss(self.fake(x_t, sigma, labels), x, sigma, self.sigma_data)}
+        out = {'loss_fake': denoising_loss(self.fake(x_t, sigma, labels), x, sigma, self.sigma_data)}
         if self.cls_head is not None:
             if real_images is None: raise ValueError('--gan_classifier needs real images (--real_image_path)')
             lf, lr = self.disc_logits(x, labels), self.disc_logits(real_images, real_labels)
-            out['loss_cls'] = gan_disc_loss(lf, lr)
+            out['loss_cls'] = gan_d_loss(lf, lr)
             out['pred_real'], out['pred_fake'] = torch.sigmoid(lr.detach()).flatten(), torch.sigmoid(lf.detach()).flatten()
         return out
 
@@ -345,7 +319,7 @@ class DMD2(nn.Module):
         "Noise z ~ N(0, I) and random one-hot labels for a batch of n."
         dev = device or self.karras_sigmas.device
         z = torch.randn(n, self.img_channels, self.img_resolution, self.img_resolution, device=dev)
-        y = one_hot(torch.randint(self.label_dim, (n,), device=dev), self.label_dim) if self.label_dim else None
+        y = one_hot_labels(torch.randint(self.label_dim, (n,), device=dev), self.label_dim) if self.label_dim else None
         return z, y
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None, k: int = 0, G: nn.Module | None = None,
@@ -369,7 +343,7 @@ class DMD2(nn.Module):
         loss = out['loss_dm']
         out['grad_norm_x_dm'] = g.norm() / x.numel()  # ‖∂ mean(L_DM) / ∂x‖, exact
         if self.gan_classifier:
-            with frozen(self.guidance): lg = gan_gen_loss(self.guidance.disc_logits(x, labels))
+            with frozen(self.guidance): lg = gan_g_loss(self.guidance.disc_logits(x, labels))
             out['loss_gen_cls'] = lg
             n_gan = torch.autograd.grad(lg.mean(), x, retain_graph=True)[0].norm()  # through the head/encoder to x only
             w = self.gen_cls_loss_weight if self.gan_grad_ratio is None else \
@@ -470,7 +444,7 @@ def _real_batch(batch, device, label_dim):
     "(images in [-1,1], one-hot labels) from an LMDB batch, or (None, None)."
     if batch is None: return None, None
     img, lab = (batch['images'], batch.get('class_labels')) if isinstance(batch, dict) else (batch[0], batch[1] if len(batch) > 1 else None)
-    return img.to(device).float(), one_hot(lab.to(device).reshape(-1) if lab is not None else None, label_dim)
+    return img.to(device).float(), one_hot_labels(lab.to(device).reshape(-1) if lab is not None else None, label_dim)
 
 def dmd2_steps(model: DMD2, cfg: DMD2Config) -> list[TrainStep]:
     "The generator and guidance `TrainStep`s of one DMD2 iteration."
@@ -479,15 +453,15 @@ def dmd2_steps(model: DMD2, cfg: DMD2Config) -> list[TrainStep]:
         z, y = model.sample_latents(cfg.batch_size, learn.device)
         x = model.generate(z, y, k, G=learn.models['generator'])
         out = model.generator_turn(x, y)
-        learn._dmd2_x = (learn.step, x.detach(), y); learn._dmd2_vis = out['_vis']
+        learn.scratch['dmd2/x'] = (x.detach(), y)  # this iteration's sample, for the fake-score step
         learn.log(student_step=k, **{n: out[n] for n in ('grad_norm_x_dm', 'grad_norm_x_gan', 'gen_cls_weight') if n in out})
         terms = {'dm': out['loss_dm']}
         if 'loss_gen_cls' in out: terms['gen_cls'] = out['gen_cls_weight'] * out['loss_gen_cls']
         return terms
 
     def guidance_loss(learn, batch):
-        cached = getattr(learn, '_dmd2_x', None)
-        if cached is not None and cached[0] == learn.step: x, y = cached[1], cached[2]
+        cached = learn.scratch.get('dmd2/x')  # absent on iterations without a generator turn (ratio > 1)
+        if cached is not None: x, y = cached
         else:
             k = shared_step_index(len(model.student_sigmas), cfg.seed, learn.step) if len(model.student_sigmas) > 1 else 0
             z, y = model.sample_latents(cfg.batch_size, learn.device)
@@ -531,7 +505,7 @@ class DMD2Monitor(Callback):
         m, dev = self.model, learn.device
         with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
             torch.manual_seed(0)
-            z, y = self.vis_z.to(dev), one_hot(self.vis_y.to(dev), m.label_dim)
+            z, y = self.vis_z.to(dev), one_hot_labels(self.vis_y.to(dev), m.label_dim)
             x = few_step_sample(m.generator, z, y, m.student_sigmas)
             s = torch.full((z.shape[0],), 2.5, device=dev); x_t = x + 2.5 * torch.randn_like(x)
             rows = [x, m.real(x_t, s, y), m.fake(x_t, s, y)]
@@ -613,7 +587,7 @@ class DMDGenerator:
                 ids = torch.as_tensor(class_ids, device=self.device).reshape(-1)
                 if ids.numel() == 1: ids = ids.expand(n)
                 if ids.numel() != n: raise ValueError(f'class_ids: expected 1 or {n} ids, got {ids.numel()}')
-            y = one_hot(ids, self.label_dim)
+            y = one_hot_labels(ids, self.label_dim)
         return few_step_sample(self.net, z, y, self.sigmas, noise_fn=rnd.randn_like).float().clamp(-1, 1)
 
 def display_samples(images: torch.Tensor, # [-1, 1] images

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import torch
-import torch.nn.functional as F
 from fastcore.script import Param, store_true
-from .core import seed_everything, from_uint8, in_test, UserError, check_positive, check_range, check_divisible
+from .core import seed_everything, from_uint8, in_test, UserError, check_positive, check_range, check_divisible, one_hot_labels
+from .losses import edm_weight, edm_sample_sigma
 from .learner import (Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, save_module, write_guard)
 from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, SampleGrid
 from .precond import EDMPrecond
@@ -19,18 +19,9 @@ from .toydata import ToyShapes, TOY_CLASSES
 from .core import cli
 
 # %% auto #0
-__all__ = ['EDM_PRESETS', 'edm_loss_weight', 'edm_sample_sigma', 'edm_loss', 'edm_network', 'edm_dataset', 'train_edm',
-           'edm_train']
+__all__ = ['EDM_PRESETS', 'edm_loss', 'edm_network', 'edm_dataset', 'train_edm', 'edm_train']
 
 # %% ../nbs/22_edm_train.ipynb #a30f8613
-def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    "EDM's loss weight λ(σ) = (σ² + σ_d²)/(σ σ_d)² (Karras et al. 2022, Table 1)."
-    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-def edm_sample_sigma(n: int, P_mean: float = -1.2, P_std: float = 1.2, device=None) -> torch.Tensor:
-    "Training noise levels ln σ ~ N(P_mean, P_std²) (Karras et al. 2022, Table 1)."
-    return (torch.randn(n, device=device) * P_std + P_mean).exp()
-
 def edm_loss(net, # denoiser D(x, sigma, class_labels)
              y: torch.Tensor, # clean images [B, C, H, W] in [-1, 1]
              class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
@@ -40,7 +31,7 @@ def edm_loss(net, # denoiser D(x, sigma, class_labels)
     sigma = edm_sample_sigma(y.shape[0], P_mean, P_std, y.device)
     n = torch.randn_like(y) * sigma[:, None, None, None]
     D = net(y + n, sigma, class_labels)
-    return edm_loss_weight(sigma, sigma_data) * (D.float() - y).pow(2).mean((1, 2, 3))
+    return edm_weight(sigma, sigma_data) * (D.float() - y).pow(2).mean((1, 2, 3))  # λ outside the mean: this trainer's rounding, kept
 
 # %% ../nbs/22_edm_train.ipynb #0fce02d3
 EDM_PRESETS = {
@@ -109,7 +100,7 @@ def _edm_sample_fn(ema: EMA | None, num_steps: int):
 def _edm_step(label_dim: int, P_mean: float, P_std: float, sigma_data: float):
     def loss(learn, batch):
         x, y = batch
-        labels = F.one_hot(y.long(), label_dim).float() if label_dim else None
+        labels = one_hot_labels(y, label_dim)
         return edm_loss(learn.models['net'], x, labels, P_mean, P_std, sigma_data)
     return loss
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.script import Param, store_true
-from .core import seed_everything, in_test, unwrap_model, UserError, check_positive, check_divisible
+from .core import seed_everything, in_test, unwrap_model, UserError, check_positive, check_divisible, one_hot_labels
+from .losses import gan_g_loss, gan_d_loss
 from .networks import UNetBlock
 from .precond import EDMPrecond, ConsistencyPrecond
 from .samplers import one_step_sample, generate_images
@@ -23,10 +24,10 @@ from .core import cli
 
 # %% auto #0
 __all__ = ['GDD_FREEZE_RULES', 'GDD_PRESETS', 'gdd_generator', 'freeze_rule', 'frozen_parameter_names', 'apply_freeze',
-           'freeze_table', 'tiny_gdd_teacher', 'gan_g_loss', 'gan_d_loss', 'd_score', 'r1_penalty',
-           'r1_gamma_equivalent', 'lazy_adam_kwargs', 'adam_eps_equivalent', 'gdd_optimizers', 'sanitize_grads',
-           'gdd_steps', 'gdd_ref_batch_per_gpu', 'gdd_config', 'gdd_dataset', 'one_step_fp32', 'fp32_copy',
-           'gdd_fid_fn', 'check_gdd_settings', 'train_gdd', 'toy_sample_distance', 'gdd_train']
+           'freeze_table', 'tiny_gdd_teacher', 'd_score', 'r1_penalty', 'r1_gamma_equivalent', 'lazy_adam_kwargs',
+           'adam_eps_equivalent', 'gdd_optimizers', 'sanitize_grads', 'gdd_steps', 'gdd_ref_batch_per_gpu',
+           'gdd_config', 'gdd_dataset', 'one_step_fp32', 'fp32_copy', 'gdd_fid_fn', 'check_gdd_settings', 'train_gdd',
+           'toy_sample_distance', 'gdd_train']
 
 # %% ../nbs/50_gdd.ipynb #30b2d454
 _PRECOND_KEYS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data',
@@ -126,22 +127,10 @@ def tiny_gdd_teacher(resolution: int = 8, channels: int = 3, label_dim: int = 0,
     return net
 
 # %% ../nbs/50_gdd.ipynb #25e5730d
-def _per_sample(logits: list[torch.Tensor], f) -> torch.Tensor:
-    "Σ_b mean_j f(ℓ_{b,i,j}) for every sample i."
-    if isinstance(logits, torch.Tensor): logits = [logits]
-    return sum(f(l.float()).flatten(1).mean(1) for l in logits)
-
-def gan_g_loss(logits_fake: list[torch.Tensor]) -> torch.Tensor:
-    "Per-sample non-saturating generator loss Σ_b mean_j softplus(−ℓ(G(z))) (Goodfellow et al. 2014)."
-    return _per_sample(logits_fake, lambda l: F.softplus(-l))
-
-def gan_d_loss(logits_fake: list[torch.Tensor], logits_real: list[torch.Tensor]) -> torch.Tensor:
-    "Per-sample discriminator loss Σ_b mean_j [softplus(ℓ(fake)) + softplus(−ℓ(real))] (Goodfellow et al. 2014)."
-    return _per_sample(logits_fake, F.softplus) + _per_sample(logits_real, lambda l: F.softplus(-l))
-
 def d_score(logits: list[torch.Tensor]) -> torch.Tensor:
     "Per-sample score s_i = Σ_b mean_j ℓ_{b,i,j} whose input gradient R1 penalises."
-    return _per_sample(logits, lambda l: l)
+    if isinstance(logits, torch.Tensor): logits = [logits]
+    return sum(l.float().flatten(1).mean(1) for l in logits)
 
 def r1_penalty(D, # callable x -> list of logits (e.g. `lambda x: disc(x, c, augment=False)`)
                x_real: torch.Tensor, # real images [B, C, H, W]
@@ -190,9 +179,6 @@ def sanitize_grads(module: nn.Module, nan: float = 0., posinf: float = 1e5, negi
             for p in module.parameters() if p.requires_grad]
 
 # %% ../nbs/50_gdd.ipynb #7f320d0d
-def _onehot(y, label_dim):
-    return F.one_hot(y.long(), label_dim).float() if label_dim else None
-
 @contextlib.contextmanager
 def _no_param_grad(m: nn.Module):
     ps = [p for p in m.parameters() if p.requires_grad]
@@ -215,7 +201,7 @@ def gdd_steps(G: nn.Module, # generator (ConsistencyPrecond), possibly frozen by
                                   r1_every if r1_gamma > 0 else 0, adam_eps)
 
     def g_loss(learn, batch):
-        x, y = batch; c = _onehot(y, label_dim)
+        x, y = batch; c = one_hot_labels(y, label_dim)
         z = torch.randn_like(x)
         fake = one_step_sample(learn.models['G'], z, c, sigma_g)
         heads = learn.unwrapped('D')
@@ -223,14 +209,14 @@ def gdd_steps(G: nn.Module, # generator (ConsistencyPrecond), possibly frozen by
         return {'gan': gan_g_loss(logits)}
 
     def d_loss(learn, batch):
-        x, y = batch; c = _onehot(y, label_dim)
+        x, y = batch; c = one_hot_labels(y, label_dim)
         with torch.no_grad(): fake = one_step_sample(learn.unwrapped('G'), torch.randn_like(x), c, sigma_g)
         lf, lr_ = D(fake, c, heads=learn.models['D']), D(x, c, heads=learn.models['D'])
         learn.log(logit_fake=torch.cat([l.flatten() for l in lf]).mean(), logit_real=torch.cat([l.flatten() for l in lr_]).mean())
         return {'gan': gan_d_loss(lf, lr_)}
 
     def r1_loss(learn, batch):
-        x, y = batch; c = _onehot(y, label_dim)
+        x, y = batch; c = one_hot_labels(y, label_dim)
         return {'r1': r1_penalty(lambda v: D(v, c, augment=False, heads=learn.models['D']), x, r1_gamma, r1_every)}
 
     steps = [TrainStep('G', g_loss, g_opt), TrainStep('D', d_loss, d_opt)]

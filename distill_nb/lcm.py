@@ -23,12 +23,13 @@ from .microdit import (LatentEDMPrecond, LatentConsistencyPrecond, microdit_kwar
                                  latent_student_from_teacher)
 from .cd import teacher_ode_step, cd_distance, check_choice, check_count, check_rate
 from .core import cli, UserError, check_positive, check_divisible, check_file
+from .toydata import tiny_text_encoder, tiny_vae_decoder  # test stand-ins, moved to toydata; the old names stay importable
 
 # %% auto #0
 __all__ = ['LATENT_FORMAT', 'TEACHER_EXPECTED', 'LCM_OUTPUT', 'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser',
-           'LCMLoss', 'lcm_learner', 'lcm_sigmas', 'lcm_sample', 'teacher_sample', 'generate', 'tiny_text_encoder',
-           'tiny_vae_decoder', 'sdxl_vae_decoder', 'openclip_text_encoder', 'save_lcm', 'load_lcm', 'LCMConfig',
-           'check_lcm_config', 'build_lcm_teacher', 'check_lcm_data', 'train_lcm', 'lcm_train']
+           'LCMLoss', 'lcm_learner', 'lcm_sigmas', 'lcm_sample', 'teacher_sample', 'generate', 'sdxl_vae_decoder',
+           'openclip_text_encoder', 'save_lcm', 'load_lcm', 'LCMConfig', 'check_lcm_config', 'build_lcm_teacher',
+           'check_lcm_data', 'train_lcm', 'lcm_train']
 
 # %% ../nbs/42_lcm.ipynb #2f15fb83
 LATENT_FORMAT = 'distill_nb.latent_text'
@@ -180,20 +181,12 @@ def lcm_learner(student: nn.Module, # `LatentConsistencyPrecond` with guidance_e
     rates = sorted({r for r in ([target_ema] if target_ema > 0 else []) + ([ema] if ema else [])})
     ema_cb = EMA('student', decay=rates) if rates else None
     def target(learn): return ema_cb.module(f'{target_ema:g}') if target_ema > 0 else learn.unwrapped('student')
-    def lcm_step(learn, b):
-        x0, y = b[0], b[1]
-        B, net = x0.shape[0], learn.models['student']
-        mb = B if not micro_batch or micro_batch >= B else micro_batch
-        if mb == B: return loss(net, target(learn), x0, y)
-        out, chunks, dr = [], list(range(0, B, mb)), loss.draw(x0)
-        for j, a in enumerate(chunks):
-            sync = j == len(chunks) - 1 or not hasattr(net, 'no_sync')
-            with (contextlib.nullcontext() if sync else net.no_sync()):
-                l = loss(net, target(learn), x0[a:a + mb], y[a:a + mb], [v[a:a + mb] for v in dr])
-                (l.sum() / B).backward()
-            out.append(l.detach())
-        return torch.cat(out).requires_grad_()  # gradients are already accumulated; this leaf only carries the values
-    learn = Learner({'student': student, 'teacher': teacher}, [TrainStep('lcm', lcm_step, opt, clip=clip)], loader,
+    def lcm_step(learn, b):  # called once per micro-batch `b` of `learn.batch` (the Learner accumulates the gradients)
+        if learn.micro.index == 0: learn.scratch['lcm/draws'] = loss.draw(learn.batch[0])  # the whole batch's draws, as without micro-batches
+        draws = [v[learn.micro.rows] for v in learn.scratch['lcm/draws']]
+        return loss(learn.models['student'], target(learn), b[0], b[1], draws)
+    step = TrainStep('lcm', lcm_step, opt, clip=clip, micro_batch=micro_batch or None)
+    learn = Learner({'student': student, 'teacher': teacher}, [step], loader,
                     cbs=([ema_cb] if ema_cb else []) + list(cbs or []), **learner_kwargs)
     learn.ema_cb, learn.target_ema, learn.eval_ema = ema_cb, target_ema, ema
     return learn
@@ -254,25 +247,6 @@ def generate(student, # LCM student (`LatentConsistencyPrecond`)
     ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx: lat = lcm_sample(student, z, y, guidance_scale, num_inference_steps, randn_like=rnd.randn_like).float()
     return lat if vae_decode is None else vae_decode(lat / latent_scale).float().clamp(-1, 1)
-
-def tiny_text_encoder(caption_len: int = 77, channels: int = 1024, seed: int = 0):
-    "Random stand-in text encoder: each word maps to a fixed random vector (tests, demos)."
-    import zlib
-    def encode(prompts):
-        out = torch.zeros(len(prompts), caption_len, channels)
-        for b, p in enumerate(prompts):
-            for j, word in enumerate(p.split()[:caption_len]):
-                out[b, j] = torch.randn(channels, generator=torch.Generator().manual_seed(seed + zlib.crc32(word.encode())))
-        return out
-    return encode
-
-def tiny_vae_decoder(latent_channels: int = 4, factor: int = 8, seed: int = 0):
-    "Random stand-in VAE decoder: 1×1 conv to RGB and nearest upsampling by `factor` (tests, demos)."
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(3, latent_channels, generator=g) / latent_channels ** 0.5
-    def decode(z):
-        return torch.tanh(torch.einsum('oc,bchw->bohw', W.to(z), z)).repeat_interleave(factor, -1).repeat_interleave(factor, -2)
-    return decode
 
 def sdxl_vae_decoder(path: str, # local folder of an SDXL VAE in diffusers layout (e.g. stabilityai/sdxl-vae)
                      device='cuda', dtype=torch.float32):

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_model, load_model
@@ -23,8 +24,9 @@ from .checkpoints import NETWORK_FORMAT, save_network, load_safetensors_network
 __all__ = ['STATE_DICT_FORMAT', 'AMP_MODES', 'LEFTOVER_PREFIXES', 'DistInfo', 'get_rank', 'get_world_size', 'init_distributed',
            'shutdown_distributed', 'InfiniteSampler', 'ResumableLoader', 'make_optimizer', 'save_module',
            'read_module_meta', 'load_module_state', 'load_module', 'CancelFitException', 'NonFiniteError', 'Callback',
-           'TrainStep', 'loss_terms', 'to_device', 'batch_size_of', 'make_grad_scaler', 'Learner', 'is_io_error',
-           'intact_note', 'write_guard', 'list_checkpoints', 'read_checkpoint', 'set_aside_newer', 'clean_leftovers']
+           'TrainStep', 'loss_terms', 'MicroBatch', 'micro_sizes', 'split_batch', 'to_device', 'batch_size_of',
+           'make_grad_scaler', 'Learner', 'is_io_error', 'intact_note', 'write_guard', 'list_checkpoints',
+           'read_checkpoint', 'set_aside_newer', 'clean_leftovers']
 
 # %% ../nbs/20_learner.ipynb #c831d3f8
 @dataclass
@@ -209,6 +211,13 @@ class TrainStep:
     offset: int = 0 # phase of the interval
     clip: float | None = None # max global grad norm (None: no clipping, the norm is still logged)
     sched: object | None = None # LR scheduler stepped after each successful update
+    accum: int = 1 # gradient accumulation: the batch is split into this many near-equal micro-batches
+    micro_batch: int | None = None # or: micro-batches of this many samples (the last may be smaller); excludes `accum`
+    def __post_init__(self):
+        if not (isinstance(self.accum, int) and self.accum >= 1): raise ValueError(f'TrainStep {self.name!r}: accum must be an int >= 1, got {self.accum!r}')
+        if self.micro_batch is not None and not (isinstance(self.micro_batch, int) and self.micro_batch >= 1):
+            raise ValueError(f'TrainStep {self.name!r}: micro_batch must be None or an int >= 1, got {self.micro_batch!r}')
+        if self.micro_batch is not None and self.accum != 1: raise ValueError(f'TrainStep {self.name!r}: give accum or micro_batch, not both')
     def runs_at(self, i: int) -> bool: return i % self.every == self.offset % self.every
     @property
     def params(self) -> list: return [p for g in self.opt.param_groups for p in g['params']]
@@ -218,6 +227,34 @@ def loss_terms(out) -> dict[str, torch.Tensor]:
     if isinstance(out, torch.Tensor): return {'loss': out}
     if isinstance(out, dict) and out and all(isinstance(v, torch.Tensor) for v in out.values()): return dict(out)
     raise TypeError(f'loss functions must return a tensor or a non-empty dict of tensors, got {type(out).__name__}')
+
+@dataclass
+class MicroBatch:
+    "Which part of the batch a loss function is given (`learn.micro`): part `index` of `count`, rows `rows` of `learn.batch`."
+    index: int # 0 .. count-1
+    count: int # micro-batches in this update (1 without accumulation)
+    rows: slice | None # the rows of the whole batch (None when the batch holds no tensors)
+
+def micro_sizes(n: int | None, # samples in the batch (None: the batch holds no tensors)
+                st: TrainStep) -> list[int] | None:
+    "Sizes of the micro-batches `st` splits a batch of `n` into (None: `st.accum` calls on the unsplit batch)."
+    if n is None:
+        if st.micro_batch is not None: raise ValueError(f'TrainStep {st.name!r}: micro_batch needs batches with tensors to split')
+        return None
+    if st.micro_batch is not None: return [st.micro_batch] * (n // st.micro_batch) + ([n % st.micro_batch] if n % st.micro_batch else [])
+    if n < st.accum: raise ValueError(f'TrainStep {st.name!r}: a batch of {n} cannot be split into accum={st.accum} micro-batches')
+    return [n // st.accum + (j < n % st.accum) for j in range(st.accum)]
+
+def split_batch(b, sizes: list[int]) -> list:
+    "Split the tensors of a (nested) batch along dim 0 into parts of `sizes`; other values (and tensors of another length) are repeated."
+    if isinstance(b, torch.Tensor) and b.ndim and b.shape[0] == sum(sizes): return list(b.split(sizes))
+    if isinstance(b, dict):
+        parts = {k: split_batch(v, sizes) for k, v in b.items()}
+        return [{k: parts[k][j] for k in b} for j in range(len(sizes))]
+    if isinstance(b, (list, tuple)):
+        parts = [split_batch(v, sizes) for v in b]
+        return [type(b)(p[j] for p in parts) for j in range(len(sizes))]
+    return [b] * len(sizes)
 
 # %% ../nbs/20_learner.ipynb #db1978cc
 def to_device(b, device):
@@ -298,6 +335,8 @@ class Learner:
         self.scalers = {s.name: make_grad_scaler(self.device, **self.loss_scale) for s in steps} if amp == 'fp16' else {}
         self.update_counts = {s.name: 0 for s in steps}
         self.logs, self.images, self._prepared, self._it = {}, {}, False, None
+        self.micro = None  # the `MicroBatch` a loss function is given
+        self.scratch, self.shared = {}, {}  # state between the steps: of this iteration / kept across iterations (never saved)
         self.resume_dir, self.rank, self.world_size = None, get_rank(), get_world_size()
 
     @property
@@ -325,7 +364,8 @@ def _trained_names(learn) -> list[str]:
     owned = {id(p) for s in learn.steps for p in s.params}
     return [k for k, m in learn.models.items() if any(id(p) in owned for p in unwrap_model(m).parameters())]
 
-def _prepare(self: Learner):
+@patch
+def prepare(self: Learner):
     "Freeze untrained models; wrap trained ones in DDP / torch.compile."
     if self._prepared: return
     self.trained = _trained_names(self)
@@ -344,7 +384,6 @@ def _prepare(self: Learner):
         if self.compile: m = torch.compile(m, **(self.compile if isinstance(self.compile, dict) else {}))
         self.models[k] = m
     self._prepared = True
-Learner.prepare = _prepare
 
 # %% ../nbs/20_learner.ipynb #85b74276
 def _zero_all(self: Learner):
@@ -355,15 +394,45 @@ def _set_scaler(sc: torch.amp.GradScaler, scale: float, tracker: int | None):
     sc.update(scale)  # also clears the per-optimizer unscale record
     if tracker is not None: sd = sc.state_dict(); sd['_growth_tracker'] = tracker; sc.load_state_dict(sd)
 
-def _run_update(self: Learner, st: TrainStep):
-    "Loss, backward, grad norm/clip, non-finite guard and optimizer step for one `TrainStep`."
+def _no_sync(self: Learner) -> contextlib.ExitStack:
+    "`no_sync()` of every model that has one (DDP): gradients accumulate locally, to be all-reduced by the last micro-batch's backward."
+    stack = contextlib.ExitStack()
+    for m in self.models.values():
+        m = getattr(m, '_orig_mod', m)  # the DDP module inside a torch.compile wrapper
+        if hasattr(m, 'no_sync'): stack.enter_context(m.no_sync())
+    return stack
+
+def _micro_parts(self: Learner, st: TrainStep) -> list[tuple]:
+    "(micro-batch, rows, weight) for each loss call of `st` on `self.batch`; the weights (shares of the batch) sum to 1."
+    n = batch_size_of(self.batch); sizes = micro_sizes(n, st)
+    if sizes is None: return [(self.batch, None, 1 / st.accum)] * st.accum
+    if len(sizes) == 1: return [(self.batch, slice(0, n), 1.)]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    return [(b, slice(a, a + k), k / n) for b, a, k in zip(split_batch(self.batch, sizes), starts, sizes)]
+
+def _backward(self: Learner, st: TrainStep, scaler) -> tuple[dict, torch.Tensor]:
+    "Loss and backward on each micro-batch (weighted by its share; `no_sync` on all but the last); the batch's mean terms and loss."
+    parts = _micro_parts(self, st); means, loss = {}, 0.
+    for j, (b, rows, w) in enumerate(parts):
+        self.micro = MicroBatch(j, len(parts), rows)
+        with (_no_sync(self) if j < len(parts) - 1 else contextlib.nullcontext()):
+            with self.autocast(): terms = loss_terms(st.loss_fn(self, b))
+            m = {k: v.float().mean() for k, v in terms.items()}
+            l = sum(m.values())
+            if len(parts) == 1: (l if scaler is None else scaler.scale(l)).backward(); return m, l
+            (l * w if scaler is None else scaler.scale(l * w)).backward()
+        for k, v in m.items(): means[k] = means.get(k, 0.) + w * v.detach()
+        loss = loss + w * l.detach()
+    return means, loss
+
+@patch
+def run_update(self: Learner, st: TrainStep):
+    "Loss, backward (per micro-batch), grad norm/clip, non-finite guard and optimizer step for one `TrainStep`."
     self.train_step = st; _zero_all(self)
     scaler = self.scalers.get(st.name)
-    with self.autocast(): terms = loss_terms(st.loss_fn(self, self.batch))
-    means = {k: v.float().mean() for k, v in terms.items()}
-    loss = sum(means.values())
-    if scaler is None: loss.backward()
-    else: scale = scaler.get_scale(); scaler.scale(loss).backward(); scaler.unscale_(st.opt)  # unscale before clipping
+    if scaler is not None: scale = scaler.get_scale()
+    means, loss = _backward(self, st, scaler)
+    if scaler is not None: scaler.unscale_(st.opt)  # unscale before clipping
     gnorm = torch.nn.utils.clip_grad_norm_(st.params, st.clip if st.clip is not None else float('inf'))
     loss_ok, grad_ok = _all_ranks_all([torch.isfinite(loss), torch.isfinite(gnorm)], self.device)
     ok = loss_ok and grad_ok
@@ -391,7 +460,6 @@ def _run_update(self: Learner, st: TrainStep):
         raise NonFiniteError(f'{self.streak} non-finite updates in a row (last: step {st.name!r} at iteration {self.step}, '
                              f'loss={loss.item():.4g}, grad_norm={gnorm.item():.4g}); training stopped. '
                              'Lower the learning rate, enable clipping or check the data.')
-Learner.run_update = _run_update
 
 # %% ../nbs/20_learner.ipynb #f38c5959
 def _next_batch(self: Learner):
@@ -404,6 +472,7 @@ def _next_batch(self: Learner):
 def _one_step(self: Learner):
     "One iteration: draw a batch, run the steps whose turn it is, count images."
     self.logs, self.images = {}, {}
+    self.scratch.clear()  # per-iteration state between steps (see `Learner.scratch`)
     self.batch = _next_batch(self)
     self('before_step')
     for st in self.steps:
@@ -413,7 +482,8 @@ def _one_step(self: Learner):
     self.logs['skipped_total'] = self.n_skipped
     self('after_step')
 
-def _fit(self: Learner, n_steps: int, # train until this many iterations are done in total
+@patch
+def fit(self: Learner, n_steps: int, # train until this many iterations are done in total
          resume: str | Path | None = None): # checkpoint folder, 'latest', or None
     "Train to `n_steps` iterations, optionally resuming from a checkpoint."
     self.prepare_run_dir(resume)  # before anything is built or written: refuse to clobber a previous run
@@ -428,18 +498,20 @@ def _fit(self: Learner, n_steps: int, # train until this many iterations are don
         except CancelFitException: pass
         self('after_fit')
     finally: self('cleanup_fit')
-Learner.fit = _fit
 
 # %% ../nbs/20_learner.ipynb #3f7e2032
-def _provenance(self: Learner) -> dict:
+@patch
+def provenance(self: Learner) -> dict:
+    "The resolved run config, its hash and the versions (stored in `config.json` and in every checkpoint)."
     cfg = to_jsonable(self.config)
     return {'config': cfg, 'config_hash': config_hash(cfg), 'version': __version__, 'torch': torch.__version__, 'world_size': self.world_size}
 
-def _write_run_config(self: Learner):
+@patch
+def write_run_config(self: Learner):
+    "Write `run_dir/config.json` atomically (rank 0)."
     if self.run_dir is None: return
     with write_guard(self.run_dir/'config.json', 'the run config', self.run_dir/'checkpoints'):
-        with atomic_write(self.run_dir/'config.json', 'w') as f: json.dump(_provenance(self), f, indent=1)
-Learner.provenance, Learner.write_run_config = _provenance, _write_run_config
+        with atomic_write(self.run_dir/'config.json', 'w') as f: json.dump(self.provenance(), f, indent=1)
 
 # %% ../nbs/20_learner.ipynb #1ed5798f
 def _plain_rng(st: dict) -> dict:
@@ -488,7 +560,8 @@ def write_guard(path: str | Path, # the file or folder being written, named in t
         raise UserError(f'{path}: could not write {what} ({_one_line(e)}); {intact_note(ckpt_dir, exclude)}') from e
 
 # %% ../nbs/20_learner.ipynb #e2c05cce
-def _save_checkpoint(self: Learner, path: str | Path): # checkpoint folder to create
+@patch
+def save_checkpoint(self: Learner, path: str | Path): # checkpoint folder to create
     "Write a complete checkpoint folder atomically (call on every rank; only rank 0 writes)."
     rngs = _gather_rng(self)  # collective: every rank takes part
     if not self.is_main: return
@@ -517,7 +590,6 @@ def _write_checkpoint_files(self: Learner, tmp: Path, rngs: list):
     for cb in self.cbs:
         if hasattr(cb, 'save_files'): cb.save_files(tmp)
     (tmp/'meta.json').write_text(json.dumps(meta, indent=1))
-Learner.save_checkpoint = _save_checkpoint
 
 # %% ../nbs/20_learner.ipynb #0565b8c8
 def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
@@ -568,7 +640,8 @@ def set_aside_newer(ckpt_dir: str | Path, # folder of `step-*` checkpoints
         if int(p.name.split('-')[1]) > int(m.group(1)):
             (Path(ckpt_dir)/'abandoned').mkdir(exist_ok=True); os.replace(p, Path(ckpt_dir)/'abandoned'/p.name)
 
-def _load_checkpoint_models(self: Learner, resume) -> dict:
+@patch
+def load_checkpoint_models(self: Learner, resume) -> dict:
     "Load model weights and read the training state of a checkpoint (stage 1 of resuming)."
     path, st = _resolve_resume(self, resume)
     self.resume_dir = path
@@ -580,7 +653,8 @@ def _load_checkpoint_models(self: Learner, resume) -> dict:
         load_module_state(self.models[k], f)
     return st
 
-def _restore_state(self: Learner, st: dict):
+@patch
+def restore_state(self: Learner, st: dict):
     "Restore optimizers, schedulers, counters, data position, callbacks and RNG (stage 2 of resuming)."
     for s in self.steps:
         if s.name not in st['opts']: raise ValueError(f'resume: {self.resume_dir} has no optimizer state for step {s.name!r}')
@@ -595,9 +669,9 @@ def _restore_state(self: Learner, st: dict):
     for cb in self.cbs:
         if hasattr(cb, 'load_state_dict') and cb.name in st['callbacks']: cb.load_state_dict(st['callbacks'][cb.name])
         if hasattr(cb, 'load_files'): cb.load_files(self.resume_dir)
+    self.shared.clear()  # never checkpointed: a resumed run starts without it, in this process as in a new one
     rngs = st['rng']
     set_rng_state(_unplain_rng(rngs[self.rank] if len(rngs) == self.world_size else rngs[0]))
-Learner.load_checkpoint_models, Learner.restore_state = _load_checkpoint_models, _restore_state
 
 # %% ../nbs/20_learner.ipynb #0c5a615e
 LEFTOVER_PREFIXES = ('.tmp-step-', '.del-', '.tmp_')  # checkpoint writes, rotations/overwrites, atomic file writes in progress
@@ -615,7 +689,8 @@ def clean_leftovers(folder: str | Path) -> list[str]: # a run folder, a checkpoi
             done.append(p.name)
     return done
 
-def _outputs(self: Learner) -> list[Path]:
+@patch
+def run_outputs(self: Learner) -> list[Path]:
     "What this run writes: config.json, checkpoints, the callbacks' `run_outputs(learn)` and the trainer's `outputs` (absolute paths)."
     names = ['config.json', 'checkpoints', *self.outputs]
     for cb in self.cbs:
@@ -636,7 +711,7 @@ def _remove(p: Path):
 
 def _check_run_dir(self: Learner, resume) -> str | None:
     "Rank 0's part of `prepare_run_dir`; returns a note for the user or raises `UserError`."
-    outs = _outputs(self)
+    outs = self.run_outputs()
     for d in [self.run_dir, *outs]: clean_leftovers(d)
     found = [p for p in outs if _exists(p)]
     if resume is not None and self.overwrite: raise UserError(f'{self.run_dir}: give either --resume (continue the run) or --overwrite (replace it), not both')
@@ -649,7 +724,8 @@ def _check_run_dir(self: Learner, resume) -> str | None:
         for p in found: _remove(p)
     return f'{self.run_dir}: cleared the previous run ({len(found)} outputs)' + (' with nothing to resume' if fresh_auto else '')
 
-def _prepare_run_dir(self: Learner, resume=None): # what `fit` was given
+@patch
+def prepare_run_dir(self: Learner, resume=None): # what `fit` was given
     "Refuse to start over a previous run in `run_dir` unless resuming or `overwrite`; clear it when allowed; remove leftovers of killed writes."
     if self.run_dir is None or self._run_dir_ready: return
     verdict = None
@@ -660,4 +736,3 @@ def _prepare_run_dir(self: Learner, resume=None): # what `fit` was given
     if verdict[0] == 'error': raise UserError(verdict[1])
     if verdict[1] and self.is_main: warnings.warn(verdict[1], stacklevel=3)
     self._run_dir_ready = True
-Learner.prepare_run_dir, Learner.run_outputs = _prepare_run_dir, _outputs

@@ -20,7 +20,7 @@ from torch_fidelity.utils import create_feature_extractor
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
-from .core import to_uint8, sha256_file, atomic_write, to_jsonable, UserError
+from .core import to_uint8, sha256_file, atomic_write, to_jsonable, UserError, read_state_dict, _is_safetensors
 from .weights import get_entry, resolve_weights, check_sha256, weights_dir
 
 # %% auto #0
@@ -42,21 +42,8 @@ def metric_key(metric: str, n: int) -> str:
 DETECTOR_FORMAT = 'distill_nb.detector'
 
 def _safe_state_dict(path: str | Path) -> dict:
-    "Tensors of a weights file read without running code (safetensors, or `torch.load(weights_only=True)`)."
-    path = Path(path)
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise UserError(f'{path}: cannot read as a weights-only state dict ({e})') from e
-    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f'{path}: expected a state dict (names -> tensors)')
-    return sd
-
-def _is_safetensors(path: Path) -> bool:
-    with open(path, 'rb') as f: head = f.read(9)
-    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < (1 << 30)
+    "Tensors of a detector weights file, through the package's one safe reader (`core.read_state_dict`)."
+    return read_state_dict(path, 'detector weights (a state dict of tensors)', unwrap=('state_dict',))
 
 class SafeInceptionV3(FeatureExtractorInceptionV3):
     "torch-fidelity's Inception-v3 port (Szegedy et al. 2016; FID of Heusel et al. 2017) with weights read weights-only."
@@ -79,8 +66,7 @@ class TinyDetector(FeatureExtractorBase):
         self.resolution = int(cfg['resolution'])
         self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1)
         self.proj, self.fc = nn.Linear(32, int(cfg['dim'])), nn.Linear(int(cfg['dim']), int(cfg['num_classes']))
-        from safetensors.torch import load_file
-        self.load_state_dict(load_file(str(path)))
+        self.load_state_dict(read_state_dict(path, 'TinyDetector weights'))
         self.requires_grad_(False); self.eval()
 
     @staticmethod

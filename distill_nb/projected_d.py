@@ -4,13 +4,12 @@
 
 # %% ../nbs/51_projected_d.ipynb #40445934
 from __future__ import annotations
-import math, pickle
+import math
 import torch
-from safetensors import SafetensorError
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
-from .core import register, store_init_kwargs, UserError
+from .core import register, store_init_kwargs, UserError, read_state_dict, one_hot_labels
 from .weights import WeightsEntry, register_weights, resolve_weights
 
 # %% auto #0
@@ -82,17 +81,7 @@ def _load_state(model: nn.Module, name: str, weights, prefix: str = '') -> nn.Mo
     "Load registry weights `name` (True: resolve through the registry; a path: that file) into `model`, keys stripped of `prefix`."
     if weights is None or weights is False: return model
     path = resolve_weights(name, None if weights is True else weights)
-    try:
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, SafetensorError) as e:  # damaged or foreign file
-        if isinstance(e, OSError) and e.errno is not None: raise
-        raise UserError(f'{path}: cannot read the {name} weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from e
-    if not isinstance(sd, dict): raise UserError(f'{path}: expected a state dict of {name} weights, got {type(sd).__name__}')
-    if isinstance(sd, dict) and 'model' in sd and isinstance(sd['model'], dict): sd = sd['model']
-    if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict): sd = sd['state_dict']
+    sd = read_state_dict(path, f'the {name} weights', unwrap=('model', 'state_dict'))  # the package's one safe reader
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if k in own}  # classifier heads are dropped
@@ -323,7 +312,7 @@ class ProjectedDiscriminator(nn.Module):
         with torch.no_grad():
             d = next(self.parameters()).device
             was = self.heads.training; self.heads.eval()
-            c = torch.eye(self.label_dim, device=d)[:1] if self.label_dim else None
+            c = one_hot_labels(torch.zeros(1, dtype=torch.long), self.label_dim, d)  # class 0 as a probe; None unconditional
             out = [l.shape[1] for l in self(torch.zeros(1, 3, 8, 8, device=d), c, augment=False)]
             self.heads.train(was)
             return out
