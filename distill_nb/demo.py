@@ -16,6 +16,7 @@ from fastcore.script import Param, store_true
 from .core import UserError, check_positive, check_divisible, one_hot_labels
 from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable
 from .toydata import ToyShapes, TOY_CLASSES
+from .toymetric import ToyMetric
 from .samplers import edm_sampler, one_step_sample, consistency_sampler
 from .metrics import frechet_distance, feature_stats, sliced_wasserstein
 from .checkpoints import save_network, load_network
@@ -283,11 +284,12 @@ def _fmt_secs(s) -> str: return '-' if s is None else s if isinstance(s, str) el
 
 def results_table(rows: list[dict], n_eval: int) -> str:
     "The results as a Markdown table."
-    head = f'| model | NFE | FD-rc ↓ | SW ↓ | sampling {n_eval} imgs (s) | training (s) |'
-    lines = [head, '|' + '---|' * 6]
+    head = f'| model | NFE | FD-toy ↓ | class acc ↑ | FD-rc ↓ | SW ↓ | sampling {n_eval} imgs (s) | training (s) |'
+    lines = [head, '|' + '---|' * 8]
+    f = lambda v, fmt: '-' if v is None else format(v, fmt)
     for r in rows:
-        lines.append(f"| {r['model']} | {r['nfe'] if r['nfe'] is not None else '-'} | {r['fd_rc']:.3f} | {r['sw']:.4f} | "
-                     f"{_fmt_secs(r['sample_seconds'])} | {_fmt_secs(r['train_seconds'])} |")
+        lines.append(f"| {r['model']} | {r['nfe'] if r['nfe'] is not None else '-'} | {f(r.get('fd_toy'), '.2f')} | {f(r.get('acc'), '.3f')} | "
+                     f"{r['fd_rc']:.3f} | {r['sw']:.4f} | {_fmt_secs(r['sample_seconds'])} | {_fmt_secs(r['train_seconds'])} |")
     return '\n'.join(lines)
 
 def _class_order(n: int, label_dim: int, per_class: int = 4) -> list[int]:
@@ -385,13 +387,17 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     models = {'teacher, Heun 18 steps': (35, lambda z, y: edm_sampler(net, z, y, num_steps=18), t_train),
               'untrained student (teacher copy)': (1, lambda z, y: one_step_sample(net, z, y, sigma=80.), 0.)}
     for k, (nfe, fn) in student.samplers.items(): models[k] = (nfe, fn, student.train_seconds)
-    rows, imgs = [dict(model='data (held-out toy images, noise floor)', nfe=None, fd_rc=fd_random_conv(floor, ref_stats, ext),
+    tm = ToyMetric(n_eval, toy_cls, ref_seed=1) if (C, R) == (3, 16) else None  # the toy classifier sees 16x16 RGB
+    toy = lambda x, labels: {} if tm is None else {k: v for k, v in tm(x, labels).items() if k in ('fd_toy', 'accuracy', 'provenance')}
+    tf = lambda d: dict(fd_toy=d.get('fd_toy'), acc=d.get('accuracy'))
+    floor_toy = toy(floor, torch.arange(n_eval) % toy_cls)
+    rows, imgs = [dict(model='data (held-out toy images, noise floor)', nfe=None, **tf(floor_toy), fd_rc=fd_random_conv(floor, ref_stats, ext),
                        sw=pixel_sw(floor, ref), sample_seconds=None, train_seconds=None)], {'data': floor}
     for name, (nfe, fn, tsec) in tqdm(models.items(), desc='evaluating', disable=not progress, leave=False):
         x, secs = sample_all(fn, z, y, eval_batch)
         imgs[name] = x
-        rows.append(dict(model=name, nfe=nfe, fd_rc=fd_random_conv(x, ref_stats, ext), sw=pixel_sw(x, ref),
-                         sample_seconds=secs, train_seconds=tsec))
+        rows.append(dict(model=name, nfe=nfe, **tf(toy(x, None if y is None else y.cpu())), fd_rc=fd_random_conv(x, ref_stats, ext),
+                         sw=pixel_sw(x, ref), sample_seconds=secs, train_seconds=tsec))
     # --- outputs ---
     outdir.mkdir(parents=True, exist_ok=True)
     save_sample_grid({('teacher (35 NFE)' if k.startswith('teacher') else 'untrained (1 NFE)' if k.startswith('untrained') else
@@ -405,12 +411,13 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     untrained, best = rows[2], min(rows[3:], key=lambda r: r['fd_rc'])
     res = dict(settings=asdict(s), rows=rows, total_seconds=time.time() - t_start, world_size=info.world_size,
                beats_untrained=bool(all(r['fd_rc'] < untrained['fd_rc'] and r['sw'] < untrained['sw'] for r in rows[3:])),
-               torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+               toy_metric=floor_toy.get('provenance'), torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     table = results_table(rows, n_eval)
     with atomic_write(outdir / 'results.json', 'w') as f: json.dump(to_jsonable(res), f, indent=1)
     with atomic_write(outdir / 'results.md', 'w') as f: f.write(table + '\n')
     say('\n' + table + '\n')
-    say(f"{best['model']}: FD-rc {untrained['fd_rc']:.3f} -> {best['fd_rc']:.3f} (untrained -> distilled), "
+    say((f"{best['model']}: FD-toy {untrained['fd_toy']:.2f} -> {best['fd_toy']:.2f}, " if best.get('fd_toy') is not None else f"{best['model']}: ")
+        + f"FD-rc {untrained['fd_rc']:.3f} -> {best['fd_rc']:.3f} (untrained -> distilled), "
         f"{35 / best['nfe']:.0f}x fewer network evaluations than the teacher. Total {res['total_seconds']:.0f} s.")
     say(f'wrote {outdir}/samples.png, losses.png, results.json, results.md' + (f', student_{method}.safetensors' if student.network is not None else ''))
     return res
