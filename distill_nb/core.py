@@ -18,7 +18,7 @@ __all__ = ['REGISTRY', 'in_test', 'get_device', 'append_dims', 'as_sigma', 'Stac
            'sha256_file', 'to_jsonable', 'from_jsonable', 'config_hash', 'register', 'build_from_config',
            'module_config', 'unwrap_model', 'store_init_kwargs', 'UserError', 'user_error_message', 'cli_prog',
            'run_cli', 'cli', 'check_positive', 'check_range', 'check_divisible', 'check_file', 'read_state_dict',
-           'one_hot_labels', 'Denoiser']
+           'one_hot_labels', 'Denoiser', 'rel_err', 'test_rel']
 
 # %% ../nbs/00_core.ipynb #78ce0a3b
 def in_test() -> bool:
@@ -342,3 +342,14 @@ class Denoiser(typing.Protocol):
                  sigma: torch.Tensor | float, # noise level, scalar or [B]
                  cond: torch.Tensor | None = None, # one-hot labels [B, label_dim] or caption embeddings; None: unconditional
                  **extra) -> torch.Tensor: ... # adapter-specific options (guidance scale, feature taps)
+
+# %% ../nbs/00_core.ipynb #11deaf7c
+def rel_err(a, b) -> float:
+    "Largest elementwise relative error max |a − b| / |b|, in float64 (for values that are not O(1))."
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs()).max())
+
+def test_rel(a, b, rtol: float): # rtol: largest accepted relative error
+    "Assert that `a` is within relative tolerance `rtol` of `b` (elementwise)."
+    e = rel_err(a, b)
+    assert e < rtol, f'relative error {e:.3g} >= {rtol:g}:\n{a}\n{b}'
