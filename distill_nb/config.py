@@ -58,6 +58,10 @@ class RunConfig:
     log_every: int = 10  # iterations per metrics record
     sample_every: int = 500  # iterations between sample grids (0: never)
     fid_every: int = 0  # iterations between FID evaluations (0: never)
+    fid_ref: str | None = None  # FID reference statistics (.npz), or 'toy' for FD-toy on the toy shapes (nbs/18)
+    fid_detector: str | None = None  # FID detector weights (Inception .pkl/.pth; default: the registry's)
+    fid_samples: int = 10000  # generated images per FID evaluation
+    grid_samples: int = 16  # images in each sample grid
     workers: int = 0  # DataLoader worker processes
     wandb: Literal['disabled', 'online', 'offline'] = 'disabled'  # Weights & Biases mode
     wandb_project: str = 'distill_nb'  # Weights & Biases project
@@ -69,6 +73,8 @@ class RunConfig:
         check_divisible('--batch', self.batch, world_size, 'the number of processes')
         if self.steps is not None: check_positive('--steps', self.steps)
         if self.kimg is not None: check_positive('--kimg', self.kimg)
+        check_positive('--fid_samples', self.fid_samples); check_positive('--grid_samples', self.grid_samples)
+        if self.fid_every and not self.fid_ref: raise UserError('--fid_every: give --fid_ref too (reference statistics .npz, or toy)')
         for k in ('ckpt_every', 'max_keep', 'ema', 'ema_rampup', 'sample_every', 'fid_every', 'workers'):
             check_positive(f'--{k}', getattr(self, k), allow_zero=True)
         check_positive('--log_every', self.log_every)
@@ -120,10 +126,13 @@ def str2bool(s) -> bool:
 class Alias:
     "Another spelling of a flag (usually the reference code's), with an optional conversion of its value."
     name: str  # the alias as typed, without dashes, e.g. 'output_path'
-    to: str  # the config field it sets
+    to: str | tuple  # the config field it sets (a tuple: each of these fields)
     convert: Callable | None = None  # `convert(value, world_size)` -> field value; None: the value as is
     type: Callable | None = None  # parser for the alias's value (default: the field's type)
     note: str = ''  # what the alias means, for --help and the flag table
+
+    @property
+    def targets(self) -> tuple: return (self.to,) if isinstance(self.to, str) else tuple(self.to)
 
 COMMON_ALIASES = (
     Alias('output_path', 'run_dir'), Alias('output_dir', 'run_dir'), Alias('outdir', 'run_dir'), Alias('out', 'run_dir'),
@@ -143,6 +152,7 @@ def _flag_kwargs(cls, name: str, help: str, default=dataclasses.MISSING, typ=Non
     t, ch = _base_type(_hints(cls)[name])
     if default is not dataclasses.MISSING and not (default is None and t is not bool): help = f'{help} [default: {default}]'
     kw = dict(dest=name, default=argparse.SUPPRESS, help=help or None)
+    if name == 'resume' and typ is None: return {**kw, 'nargs': '?', 'const': 'auto', 'type': t}  # bare --resume: the newest checkpoint if any
     if (t is bool and typ is None) or typ is str2bool: return {**kw, 'nargs': '?', 'const': True, 'type': str2bool, 'metavar': 'BOOL'}
     kw['type'] = typ or t
     if ch is not None and typ is None: kw['choices'] = ch
@@ -160,9 +170,11 @@ def config_parser(cls: type, # a dataclass, usually extending `RunConfig`
         p.add_argument(f'--{f.name}', **_flag_kwargs(cls, f.name, docs.get(f.name, ''), f.default))
     names = {f.name for f in fields(cls)}
     for a in aliases:
-        if a.to not in names: raise ValueError(f'alias --{a.name}: {cls.__name__} has no field {a.to!r}')
+        bad = [t for t in a.targets if t not in names]
+        if bad: raise ValueError(f'alias --{a.name}: {cls.__name__} has no field {bad[0]!r}')
         if a.name in names: continue  # a field of this config already has that name
-        kw = _flag_kwargs(cls, a.to, f'alias of --{a.to}' + (f' ({a.note})' if a.note else ''), typ=a.type)
+        to = ', --'.join(a.targets)
+        kw = _flag_kwargs(cls, a.targets[0], f'alias of --{to}' + (f' ({a.note})' if a.note else ''), typ=a.type)
         p.add_argument(f'--{a.name}', **{**kw, 'dest': f'alias:{a.name}'})
     if presets: p.add_argument('--preset', choices=sorted(presets), default=argparse.SUPPRESS, help='named settings, overridden by any flag given')
     p.add_argument('--config', default=argparse.SUPPRESS, help='JSON file of settings (e.g. a config.json saved by a run), overridden by any flag given')
@@ -206,9 +218,10 @@ def parse_config(cls: type, argv: list[str] | None = None, # command-line words 
     for a in aliases:
         if f'alias:{a.name}' not in ns: continue
         v = ns[f'alias:{a.name}']; v = a.convert(v, ws) if a.convert else v
-        if a.to in given and given[a.to] != v:
-            raise UserError(f'--{a.name} and --{a.to} disagree ({v!r} vs {given[a.to]!r}): give one of them')
-        given[a.to] = v
+        for t in a.targets:
+            if t in given and given[t] != v:
+                raise UserError(f'--{a.name} and --{t} disagree ({v!r} vs {given[t]!r}): give one of them')
+            given[t] = v
     values = {}
     if 'preset' in ns: values.update(presets[ns['preset']])
     if 'config' in ns: values.update(read_config_file(ns['config']))
@@ -242,6 +255,6 @@ def flag_table(cls: type, aliases: tuple = COMMON_ALIASES) -> str:
     "Markdown table of the flags of `cls`: flag, default, meaning and accepted aliases."
     docs, rows = field_docs(cls), ['| flag | default | meaning | aliases |', '|---|---|---|---|']
     for f in fields(cls):
-        al = ', '.join(f'`--{a.name}`' + (f' ({a.note})' if a.note else '') for a in aliases if a.to == f.name)
+        al = ', '.join(f'`--{a.name}`' + (f' ({a.note})' if a.note else '') for a in aliases if f.name in a.targets)
         rows.append(f'| `--{f.name}` | `{f.default}` | {docs.get(f.name, "")} | {al} |')
     return '\n'.join(rows)
