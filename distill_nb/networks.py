@@ -102,7 +102,7 @@ class Conv2d(nn.Module):
             if self.up: x = F.conv_transpose2d(x, self._filter(f, self.in_channels, True), groups=self.in_channels, stride=2, padding=f_pad)
             if self.down: x = F.conv2d(x, self._filter(f, self.in_channels, False), groups=self.in_channels, stride=2, padding=f_pad)
             if w is not None: x = F.conv2d(x, w, padding=w_pad)
-        if b is not None: x = x + b.reshape(1, -1, 1, 1)
+        if b is not None: x = x + b.to(x.dtype).reshape(1, -1, 1, 1)  # stay in the conv's dtype (bf16 under autocast), as EDM's in-place add_
         return x
 
 # %% ../nbs/02_networks.ipynb #a443b836

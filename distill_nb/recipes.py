@@ -4,18 +4,19 @@
 
 # %% ../nbs/92_recipes.ipynb #81b91615
 from __future__ import annotations
-import argparse, copy, importlib, json, re, shlex, shutil, subprocess
+import argparse, copy, dataclasses, importlib, json, re, shlex, shutil, subprocess
 from pathlib import Path
 from fastcore.script import anno_parser, Param, store_true
 import distill_nb
 from .core import config_hash, atomic_write, to_jsonable, UserError, check_positive
 from .core import cli
+from .config import config_parser, parse_config
 
 # %% auto #0
 __all__ = ['REQUIRED_FIELDS', 'recipe_dir', 'recipe_names', 'validate_recipe', 'load_recipe', 'recipe_hash', 'write_lock',
-           'trainer_function', 'trainer_parser', 'trainer_flags', 'first_cli', 'apply_overrides', 'trainer_argv',
-           'recipe_command', 'eval_commands', 'recipes_table', 'check_inputs', 'show_recipe', 'run_recipe',
-           'distill_recipe']
+           'trainer_function', 'trainer_parser', 'trainer_flags', 'recipe_config', 'first_cli', 'apply_overrides',
+           'trainer_argv', 'recipe_command', 'eval_commands', 'recipes_table', 'check_inputs', 'show_recipe',
+           'run_recipe', 'distill_recipe']
 
 # %% ../nbs/92_recipes.ipynb #eca8e4a0
 REQUIRED_FIELDS = {
@@ -96,18 +97,27 @@ def trainer_function(r: dict):
     return f
 
 def trainer_parser(r: dict) -> argparse.ArgumentParser:
-    "The trainer CLI's own argparse parser (what `--help` shows)."
+    "The trainer CLI's own argparse parser (what `--help` shows): generated from its run config, or from its signature."
     f = trainer_function(r)
+    if hasattr(f, 'config_class'): return config_parser(f.config_class, f.aliases, f.presets, prog=r['trainer']['console_script'])
     return anno_parser(f, prog=r['trainer']['console_script'])
 
 def trainer_flags(r: dict) -> dict[str, argparse.Action]:
-    "Flag name (without `--`) -> argparse action of the recipe's trainer."
-    return {a.dest: a for a in trainer_parser(r)._actions if a.option_strings and a.dest not in ('help', 'pdb', 'xtra')}
+    "Flag name (without `--`, aliases included) -> argparse action of the recipe's trainer."
+    acts = [a for a in trainer_parser(r)._actions if a.option_strings and a.dest not in ('help', 'pdb', 'xtra')]
+    return {o[2:]: a for a in acts for o in a.option_strings if o.startswith('--')}
+
+def recipe_config(r: dict, # recipe (after overrides)
+                  nproc: int = 8): # processes (GPUs) the run uses
+    "The trainer's resolved run config for this recipe (the same `parse_config` its command line goes through), or None for a trainer without one."
+    f = trainer_function(r)
+    if not hasattr(f, 'config_class'): return None
+    return parse_config(f.config_class, [str(a) for a in trainer_argv(r, nproc)], f.aliases, f.presets, world_size=nproc)
 
 def first_cli(module: str) -> str | None:
     "Name of the first `@cli` function in `module`'s source (what `python -m module` runs)."
     src = Path(importlib.import_module(module).__file__).read_text()
-    m = re.search(r'@(?:cli|call_parse)\s*(?:\([^)]*\))?\s*\n\s*def\s+(\w+)', src)
+    m = re.search(r'@(?:cli|call_parse|config_cli)\s*(?:\([^)]*\))?\s*\n\s*def\s+(\w+)', src)
     return m.group(1) if m else None
 
 # %% ../nbs/92_recipes.ipynb #c263cf48
@@ -150,6 +160,7 @@ def trainer_argv(r: dict, # recipe (after overrides)
         if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # switches (`--no-x` for bool flags defaulting to True)
             if not isinstance(v, bool): raise UserError(f'recipe {r["name"]}: --{k} is a switch; expected true/false, got {v!r}')
             if v == isinstance(a, argparse._StoreTrueAction): argv.append(opt)
+        elif isinstance(v, bool) and a.const is True: argv += [opt] if v else [opt, 'false']  # run-config booleans: bare flag for true
         elif v is not None: argv += [opt, v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else repr(v) if isinstance(v, float) else str(v)]
     try: trainer_parser(r).parse_args(argv)
     except SystemExit: raise UserError(f"recipe {r['name']}: {r['trainer']['function']} rejects {shlex.join(argv)}") from None
@@ -219,6 +230,11 @@ def show_recipe(name: str, nproc: int = 8, overrides: list[str] | None = None) -
              f"  expected FID: paper {e['fid_paper']}, FastGen {e['fid_fastgen'] if e['fid_fastgen'] is not None else '-'} ({e['source']})",
              '  inputs: ' + ('; '.join(f'--{k} ({v})' for k, v in r['inputs'].items()) or 'none'),
              '', 'train:', '  ' + shlex.join(recipe_command(r, nproc))]
+    cfg = recipe_config(r, nproc)
+    if cfg is not None:
+        d = to_jsonable(dataclasses.asdict(cfg))
+        lines += [f'resolved {type(cfg).__name__} (what the trainer will save in config.json; hash {config_hash(d)}):',
+                  '  ' + json.dumps(d, sort_keys=True)]
     ev = eval_commands(r, nproc)
     lines += ['evaluate (NETWORK = ' + s['network_file'] + '):'] + ['  ' + shlex.join(c) for c in ev] if ev else \
              ['evaluate: ' + s.get('note', f"no CLI for this protocol yet ({f['protocol']})")]
