@@ -153,6 +153,7 @@ def _flag_kwargs(cls, name: str, help: str, default=dataclasses.MISSING, typ=Non
     if default is not dataclasses.MISSING and not (default is None and t is not bool): help = f'{help} [default: {default}]'
     kw = dict(dest=name, default=argparse.SUPPRESS, help=help or None)
     if name == 'resume' and typ is None: return {**kw, 'nargs': '?', 'const': 'auto', 'type': t}  # bare --resume: the newest checkpoint if any
+    if name == 'wandb' and typ is None: kw.update(nargs='?', const='online')  # bare --wandb (the reference trainers' switch): online
     if (t is bool and typ is None) or typ is str2bool: return {**kw, 'nargs': '?', 'const': True, 'type': str2bool, 'metavar': 'BOOL'}
     kw['type'] = typ or t
     if ch is not None and typ is None: kw['choices'] = ch
@@ -243,8 +244,9 @@ def config_cli(cls: type, aliases: tuple = COMMON_ALIASES, presets: dict | None 
             return run_cli(lambda: run(parse_config(cls, argv, aliases, presets, prog, run.__doc__)), {}, prog, debug)
         _f.config_class, _f.aliases, _f.presets = cls, aliases, presets
         return _f
-    mod = inspect.getmodule(inspect.currentframe().f_back)
-    if getattr(mod, '__name__', '') == '__main__':
+    caller = inspect.currentframe().f_back.f_globals  # the defining module's namespace (by name, not by file: `python -m` imports it twice)
+    mod = sys.modules.get(caller.get('__name__', ''))
+    if caller.get('__name__') == '__main__' and caller.get('__file__'):  # a script or `python -m` (not a notebook's namespace)
         def _main(run):
             f = deco(run); setattr(mod, run.__name__, f); f(); return f
         return _main

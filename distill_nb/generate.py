@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['WRITE_ERRNOS', 'sampler_settings', 'image_path', 'save_png', 'parse_seeds', 'check_class', 'check_finite_network',
-           'check_outdir', 'finite_sampler', 'generate', 'distill_generate']
+           'check_outdir', 'check_png_channels', 'finite_sampler', 'generate', 'distill_generate']
 
 # %% ../nbs/06_generate.ipynb #00e046ae
 import os
@@ -15,39 +15,23 @@ from PIL import Image
 from fastcore.script import store_true, Param
 import errno, re
 from .core import atomic_path, get_device, parse_int_list, UserError, check_positive
-from .schedules import karras_sigmas
-from .samplers import iter_image_batches, rank_batches, get_sampler
+from .samplers import iter_image_batches, rank_batches, get_sampler, resolve_settings, net_shape
 from .checkpoints import load_network
 from .core import cli
 
 # %% ../nbs/06_generate.ipynb #3d79b389
-def sampler_settings(net: nn.Module, # loaded network; `net.distill_meta['sampler']` says how to sample it
-                     steps: int | None = None, # number of steps (EDM default 18; consistency: number of evaluations)
+def sampler_settings(net: nn.Module, # loaded network; its header (`net.distill_meta['sampler']`) says how to sample it
+                     steps: int | None = None, # number of steps (EDM default 18; consistency: number of evaluations; DDPM: respacing)
                      sigma_min: float | None = None, # lowest noise level (default: EDM's 0.002, clipped to the net)
                      sigma_max: float | None = None, # highest noise level (default: EDM's 80, clipped to the net)
                      rho: float = 7., # Karras grid exponent
                      S_churn: float = 0., S_min: float = 0., S_max: float = float('inf'), S_noise: float = 1., # EDM churn
                      solver: str | None = None, # 'heun' (default) or 'euler'
                     ) -> tuple[str, dict]:
-    "Sampler name and keyword arguments for `net`: EDM's Heun/Euler (Karras et al. 2022), one-step, or consistency sampling."
-    meta = (getattr(net, 'distill_meta', None) or {}).get('sampler') or {'kind': 'edm'}
-    kind = meta.get('kind', 'edm')
+    "Sampler kind (a key of `samplers.SAMPLERS`) and keyword arguments for `net`, from its header and the command-line flags."
     if steps is not None: check_positive('--steps', steps)
-    if solver not in (None, 'heun', 'euler'): raise UserError(f"--solver: expected 'heun' or 'euler', got {solver!r}")
-    if kind == 'edm':
-        kw = dict(num_steps=steps or meta.get('num_steps', 18), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                  S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver or meta.get('solver', 'heun'))
-        return 'edm', {k: v for k, v in kw.items() if v is not None}
-    if kind == 'one_step':
-        return 'one_step', {'sigma': float(sigma_max if sigma_max is not None else meta.get('sigma', min(80., float(net.sigma_max))))}
-    if kind == 'consistency':
-        sig = [float(s) for s in meta.get('sigmas') or [min(80., float(net.sigma_max))]]
-        if sigma_max is not None: sig = [min(s, float(sigma_max)) for s in sig]
-        if steps is not None and steps != len(sig):
-            lo = max(float(sigma_min or 0.002), float(getattr(net, 'sigma_min', 0.002)))
-            sig = karras_sigmas(steps + 1, lo, float(sigma_max or sig[0]), rho)[:-1].tolist()
-        return 'consistency', {'sigmas': sig}
-    raise UserError(f"sampler kind {kind!r} in the checkpoint header is unknown; expected 'edm', 'one_step' or 'consistency'")
+    return resolve_settings(net, None, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, S_churn=S_churn,
+                            S_min=S_min, S_max=S_max, S_noise=S_noise, solver=solver)
 
 # %% ../nbs/06_generate.ipynb #5c2a3816
 def image_path(outdir: str | Path, seed: int, subdirs: bool = False) -> Path:
@@ -103,7 +87,7 @@ def check_class(class_idx: int | None, # --class
                 source: str = 'network'): # the network's file, for the message
     "`class_idx` if the network has that class (None always passes), else a `UserError` naming `--class`."
     if class_idx is None: return None
-    dim = int(getattr(net, 'label_dim', 0) or 0)
+    dim = int(getattr(net, 'label_dim', None) or getattr(net, 'num_classes', None) or 0)  # EDM's label_dim, ADM's num_classes
     if not dim: raise UserError(f'--class {class_idx}: {source} is unconditional (label_dim 0); omit --class')
     if not 0 <= class_idx < dim: raise UserError(f'--class {class_idx}: expected a class in [0, {dim - 1}] for {source} (label_dim {dim})')
     return class_idx
@@ -125,6 +109,18 @@ def check_outdir(outdir: str | Path, flag: str = '--outdir') -> Path:
             if not q.is_dir(): raise UserError(f'{p}: {flag} ' + ('is a file' if q == p else f'lies inside {q}, which is a file') + ', expected a folder')
             break
     return p
+
+def check_png_channels(net: nn.Module, # loaded network
+                       kind: str, # its sampler kind
+                       source: str = 'network'): # the network's file, for the message
+    "(channels, resolution, label_dim) of `net`'s samples if they can be PNGs (1 or 3 channels), else a `UserError` saying what to use."
+    try: C, R, L = net_shape(net)
+    except ValueError as e: raise UserError(f'{source}: {e}') from None
+    if C not in (1, 3):
+        how = ('sample LCM students from Python with distill_nb.lcm.generate(student, prompts=..., text_encoder=..., vae_decode=...)'
+               if kind == 'lcm' else 'decode them to images first')
+        raise UserError(f'{source}: its {kind!r} samples have {C} channels (latents), but PNGs hold 1 or 3; {how}')
+    return C, R, L
 
 def finite_sampler(fn, # sampler function (net, latents, labels, **kw) -> images
                    source: str = 'network'): # the network's file, for the message
@@ -170,6 +166,7 @@ def generate(network: str | nn.Module, # path/URL/builtin:<name> of a network, o
         src = network if isinstance(network, str) else type(network).__name__
         check_class(class_idx, net, src); check_finite_network(net, src)
         kind, kw = sampler_settings(net, steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, solver)
+        check_png_channels(net, kind, src)
         say(f'Generating {len(seeds)} images to "{outdir}" ({kind} sampler)...')
         written = []
         batches = iter_image_batches(net, seeds, class_idx, batch, dev, finite_sampler(get_sampler(kind), src), rank, world, **kw)
@@ -199,7 +196,7 @@ def distill_generate(
     subdirs: store_true = False, # Create subdirectory for every 1000 seeds
     class_idx: int = None, # Class label, also accepted as --class [default: random]
     batch: int = 64, # Maximum batch size
-    steps: int = None, # Number of sampling steps [default: 18; consistency models: their stored schedule]
+    steps: int = None, # Number of sampling steps [default: 18; consistency/few-step: their stored schedule; DDPM/DDIM: the stored respacing]
     sigma_min: float = None, # Lowest noise level [default: varies]
     sigma_max: float = None, # Highest noise level [default: varies]
     rho: float = 7., # Time step exponent

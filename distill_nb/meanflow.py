@@ -4,16 +4,27 @@
 
 # %% ../nbs/45_meanflow.ipynb #c655a097
 from __future__ import annotations
-import math, types
+import copy, math
+from dataclasses import dataclass
+from typing import Literal
 import torch
 from torch import nn
-from .core import append_dims
+from .core import (append_dims, build_from_config, check_positive, check_range, module_config, one_hot_labels, register,
+                             StackedRandomGenerator, to_jsonable, UserError)
 from .jvp import jvp
 from .networks import PositionalEmbedding
+from .scm import (device_rng_state, set_device_rng_state, check_choice, ema_halflife_kimg, make_student_network,
+                            make_run_optimizer, _noise_channels)
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli
+from .edm_train import EDM_PRESETS
+from .learner import Learner, TrainStep
+from .run import RunParts, run_training, run_loader
 
 # %% auto #0
-__all__ = ['rf_sigma', 'edm_velocity', 'AverageVelocity', 'meanflow_times', 'meanflow_loss', 'meanflow_terms', 'meanflow_sample',
-           'GaussianAverageVelocity']
+__all__ = ['MEANFLOW_PRESETS', 'MEANFLOW_ALIASES', 'MEANFLOW_OUTPUT', 'rf_sigma', 'edm_velocity', 'AverageVelocity',
+           'meanflow_times', 'meanflow_loss', 'meanflow_terms', 'meanflow_sample', 'GaussianAverageVelocity',
+           'meanflow_sampler', 'MeanFlowConfig', 'linear_warmup', 'meanflow_images', 'build_meanflow', 'train_meanflow',
+           'meanflow_train']
 
 # %% ../nbs/45_meanflow.ipynb #4ba63bac
 def rf_sigma(t): 
@@ -29,23 +40,28 @@ def edm_velocity(D, # EDM denoiser D(x, sigma, cond)
     return (z - D(z / (1 - tt), rf_sigma(t), cond, **kw)) / tt
 
 # %% ../nbs/45_meanflow.ipynb #bd39a2bb
+@register
 class AverageVelocity(nn.Module):
     "u_θ(z, r, t) = (z − D_θ(z/(1 − t); t/(1 − t), t − r))/t on an EDM denoiser with a zero-initialised (t − r) embedding (MeanFlow)."
-    def __init__(self, denoiser: nn.Module, # EDM-preconditioned network (`EDMPrecond` with a SongUNet/DhariwalUNet backbone)
+    __module__ = 'distill_nb.meanflow'  # where a loader finds the class, also when this file runs as `python -m distill_nb.meanflow` (__main__)
+    def __init__(self, denoiser: nn.Module | dict, # EDM-preconditioned network (`EDMPrecond` with a SongUNet/DhariwalUNet backbone), or its config
                  delta_channels: int = 128): # width of the positional embedding of t − r
         super().__init__()
+        if isinstance(denoiser, dict): denoiser = build_from_config(denoiser, 'AverageVelocity')
+        if hasattr(denoiser, 'init_kwargs'): self.init_kwargs = {'denoiser': module_config(denoiser), 'delta_channels': delta_channels}
         self.net = denoiser
-        bb = denoiser.model
-        emb_ch = bb.map_layer1.weight.shape[0]
+        emb_ch = denoiser.model.map_layer1.weight.shape[0]
         self.delta_embed = nn.Sequential(PositionalEmbedding(delta_channels, endpoint=True), nn.Linear(delta_channels, emb_ch), nn.SiLU(),
                                          nn.Linear(emb_ch, emb_ch))
         nn.init.zeros_(self.delta_embed[-1].weight); nn.init.zeros_(self.delta_embed[-1].bias)
         self._delta = None
-        orig = bb.embed
-        def embed(this, *a, **k):
-            e = orig(*a, **k)
-            return e if self._delta is None else e + self.delta_embed(1000 * self._delta.to(e.dtype)).to(e.dtype)
-        bb.embed = types.MethodType(embed, bb)
+        denoiser.model.embed = self._embed  # a bound method of this module: a deep copy (EMA) rebinds it to the copy
+
+    def _embed(self, *a, **k) -> torch.Tensor:
+        "The backbone's own embedding plus the embedding of 1000·(t − r) while `forward` runs."
+        bb = self.net.model
+        e = type(bb).embed(bb, *a, **k)
+        return e if self._delta is None else e + self.delta_embed(1000 * self._delta.to(e.dtype)).to(e.dtype)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, cond=None, **kw) -> torch.Tensor:
         "Average velocity over [r, t] at z = z_t."
@@ -53,6 +69,10 @@ class AverageVelocity(nn.Module):
         self._delta = t - r
         try: return edm_velocity(self.net, z, t, cond, **kw)
         finally: self._delta = None
+
+    img_resolution = property(lambda self: self.net.img_resolution)
+    img_channels = property(lambda self: self.net.img_channels)
+    label_dim = property(lambda self: getattr(self.net, 'label_dim', 0))
 
 # %% ../nbs/45_meanflow.ipynb #de48f84d
 def meanflow_times(n: int, mean_t: float = -0.6, std_t: float = 1.6, mean_r: float = -4.0, std_r: float = 1.6,
@@ -70,26 +90,30 @@ def meanflow_loss(u: torch.Tensor, # u_θ(z_t, r, t) with graph
                   p: float = 0.75, c: float = 1e-3) -> torch.Tensor: # adaptive weight 1/(e + c)^p
     "Per-sample adaptively weighted MeanFlow loss sg(ω)·Σ(u − sg(target))² in float64 (Geng et al. 2025, eq. 9 and §4.3)."
     e = (u.double() - target.detach().double()).square().flatten(1).sum(1)
-    return (1 / (e.detach() + c) ** p) * e
+    return e if p == 0 else (1 / (e.detach() + c) ** p) * e
 
 def meanflow_terms(student: nn.Module, # u_θ(z, r, t, cond)
                    x0: torch.Tensor, # clean images
                    eps: torch.Tensor, # standard normal noise like x0
                    r: torch.Tensor, t: torch.Tensor, # [B] times, r ≤ t
                    teacher: nn.Module | None = None, # EDM denoiser: its velocity (distillation); None: ε − x₀ (training from data)
-                   cond=None, jvp_method: str = 'forward') -> dict:
+                   cond=None, jvp_method: str = 'forward', # 'forward' (exact JVP) or 'fd' (central difference)
+                   p: float = 0.75, c: float = 1e-3, # adaptive weight 1/(e + c)^p (p = 0: plain squared error)
+                   jvp_student: nn.Module | None = None) -> dict: # the same u_θ without DDP (default: `student`)
     "Per-sample MeanFlow loss for one batch, with the JVP du/dt along (v, 0, 1) (Geng et al. 2025)."
     tt = append_dims(t, x0.ndim).to(x0.dtype)
     z = (1 - tt) * x0 + tt * eps
     r_, t_ = r.to(x0.dtype), t.to(x0.dtype)
+    js = jvp_student if jvp_student is not None else student
     with torch.no_grad():
         v = edm_velocity(teacher, z, t_, cond) if teacher is not None else eps - x0
-        rng = torch.get_rng_state()
-        _, dudt = jvp(lambda a, b, c_: student(a, b, c_, cond), (z, r_, t_), (v, torch.zeros_like(r_), torch.ones_like(t_)), jvp_method)
+        rng = device_rng_state(x0.device)
+        with torch.autocast(x0.device.type, enabled=False):  # the JVP in float32
+            _, dudt = jvp(lambda a, b, c_: js(a, b, c_, cond), (z, r_, t_), (v, torch.zeros_like(r_), torch.ones_like(t_)), jvp_method)
         target = v.double() - append_dims((t - r).double(), x0.ndim) * dudt.double()
-    torch.set_rng_state(rng)
+    set_device_rng_state(rng)  # the main pass replays the JVP pass's dropout masks (CPU and, on a GPU, CUDA)
     u = student(z, r_, t_, cond)
-    return {'loss': meanflow_loss(u, target), 'u': u, 'target': target, 'z': z}
+    return {'loss': meanflow_loss(u, target, p, c), 'u': u, 'target': target, 'z': z, 'dudt': dudt}
 
 # %% ../nbs/45_meanflow.ipynb #ab7dce2c
 @torch.no_grad()
@@ -111,3 +135,147 @@ class GaussianAverageVelocity(nn.Module):
         v = edm_velocity(self.g, z, t)
         d = tt - rr
         return torch.where(d.abs() > 1e-12, (z - zr) / torch.where(d.abs() > 1e-12, d, torch.ones_like(d)), v)
+
+# %% ../nbs/45_meanflow.ipynb #da2124fb
+def meanflow_sampler(net: nn.Module, # average-velocity network u(z, r, t, class_labels)
+                     latents: torch.Tensor, # standard normal [B, C, R, R]
+                     class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
+                     times=(0.999, 0.), # decreasing rectified-flow times, first = t_max, last = 0
+                     randn_like=None) -> torch.Tensor: # unused (the sampler is deterministic); the shared sampler signature
+    "`meanflow_sample` with the call signature of `distill_generate`'s samplers (kind 'meanflow')."
+    ts = [float(v) for v in times]
+    if len(ts) < 2 or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] >= 1 or ts[-1] < 0:
+        raise UserError(f'meanflow times: expected a decreasing list in [0, 1) with at least two entries, got {ts}')
+    return meanflow_sample(net, latents, ts, class_labels)
+
+# %% ../nbs/45_meanflow.ipynb #c1310d3c
+@dataclass
+class MeanFlowConfig(RunConfig):
+    "Settings of a MeanFlow run (Geng et al. 2025): distillation from an EDM teacher's velocity or training from data."
+    teacher: str | None = None  # EDM network (.pkl, .safetensors or builtin:tiny-edm): the student starts from it (u = v_teacher at init)
+    target: Literal['teacher', 'data'] = 'teacher'  # velocity target: the teacher's PF-ODE velocity (distillation) or ε − x₀ (training from data)
+    arch: str | None = None  # without --teacher: EDM network preset trained from scratch (tiny, small, ddpmpp, ncsnpp, adm)
+    data: str = 'toy'  # training images: LMDB folder, image folder/zip, or 'toy' (procedural shapes)
+    toy_size: int = 4096  # images in the toy dataset (--data toy)
+    resolution: int = 16  # toy image side when there is no teacher to take it from
+    cond: bool = True  # --arch: class-conditional when the data has labels (with --teacher, the teacher decides)
+    sigma_data: float = 0.5  # σ_d of a network built from scratch (--arch)
+    flow_ratio: float = 0.25  # fraction of (r, t) samples with r = t (plain flow matching)
+    mean_t: float = -0.6  # t = t_max·sigmoid(N(mean_t, std_t²)) before sorting (r, t)
+    std_t: float = 1.6  # logit-normal standard deviation of t
+    mean_r: float = -4.0  # r = t_max·sigmoid(N(mean_r, std_r²)) before sorting
+    std_r: float = 1.6  # logit-normal standard deviation of r
+    t_max: float = 0.999  # largest time (σ = t/(1 − t) = 999); 80/81 keeps an EDM teacher within σ ≤ 80
+    adaptive_p: float = 0.75  # adaptive weight ω = 1/(e + c)^p of the squared error e (0: plain L2)
+    adaptive_c: float = 1e-3  # c of the adaptive weight
+    delta_channels: int = 128  # width of the positional embedding of t − r
+    dropout: float | None = None  # student dropout (default: the teacher's or the preset's); FastGen CIFAR-10: 0.2
+    optimizer: Literal['adam', 'adamw', 'radam'] = 'adam'  # optimizer
+    lr: float = 6e-4  # learning rate
+    beta1: float = 0.9  # Adam β₁
+    beta2: float = 0.999  # Adam β₂
+    adam_eps: float = 1e-8  # Adam ε
+    weight_decay: float = 0.  # weight decay
+    lr_warmup: int = 0  # linear LR warm-up iterations, from lr_warmup_start·lr to lr (0: none; FastGen CIFAR-10: 9765)
+    lr_warmup_start: float = 0.  # LR factor at the first update of the warm-up (FastGen: 1e-8/6e-4)
+    clip: float | None = None  # clip the global gradient norm (default: no clipping)
+    jvp: Literal['forward', 'fd'] = 'forward'  # time derivative: exact forward-mode JVP, or central finite difference
+    sample_steps: Literal[1, 2] = 1  # steps of the sampler written with the final network (grids and FID use it too)
+    mid_time: float = 0.5  # intermediate time of the 2-step sampler [t_max, mid_time, 0]
+
+    def check(self, world_size: int = 1):
+        "Validate the shared settings, then MeanFlow's own; a `UserError` names the flag."
+        super().check(world_size)
+        if self.target == 'teacher' and self.teacher is None: raise UserError('--teacher: --target teacher distils an EDM teacher\'s velocity; give one (or --target data)')
+        if self.teacher is None and self.arch is None: raise UserError('--arch: training from data without --teacher builds a network from scratch; give a preset')
+        if self.teacher is not None and self.arch is not None: raise UserError('--arch: the student is the teacher network; give --arch only without --teacher')
+        if self.arch is not None: check_choice('--arch', self.arch, EDM_PRESETS)
+        for k in ('toy_size', 'resolution', 'sigma_data', 'std_t', 'std_r', 'lr', 'adaptive_c', 'adam_eps'): check_positive(f'--{k}', getattr(self, k))
+        for k in ('adaptive_p', 'weight_decay', 'lr_warmup', 'lr_warmup_start'): check_positive(f'--{k}', getattr(self, k), allow_zero=True)
+        check_range('--flow_ratio', self.flow_ratio, 0, 1, 'a fraction')
+        if not 0 < self.t_max < 1: raise UserError(f'--t_max {self.t_max}: expected a time in (0, 1)')
+        if self.sample_steps == 2 and not 0 < self.mid_time < self.t_max: raise UserError(f'--mid_time {self.mid_time}: expected a time in (0, --t_max)')
+        check_positive('--delta_channels', self.delta_channels)
+        if self.delta_channels % 2: raise UserError(f'--delta_channels {self.delta_channels}: expected an even width (sin and cos halves)')
+        if self.dropout is not None: check_range('--dropout', self.dropout, 0, 1, 'a probability')
+        for k in ('beta1', 'beta2'): check_range(f'--{k}', getattr(self, k), 0, 1, 'a rate in [0, 1)')
+        if self.clip is not None: check_positive('--clip', self.clip)
+        return self
+
+    def sample_times(self) -> list[float]:
+        "The times of the published sampler: [t_max, 0] or [t_max, mid_time, 0]."
+        return [float(self.t_max)] + ([float(self.mid_time)] if self.sample_steps == 2 else []) + [0.]
+
+MEANFLOW_PRESETS = {
+    # FastGen config_mf_cifar10.py (from scratch, DDPM++, dropout 0.2, uncond; FastGen also uses AugmentPipe p = 0.12, not here): FID 2.82 (paper 2.92)
+    'cifar10': dict(target='data', arch='ddpmpp', cond=False, dropout=0.2, batch=1024, steps=1_000_000, optimizer='adam', lr=6e-4, beta1=0.9, beta2=0.999,
+                    adam_eps=1e-8, weight_decay=0., lr_warmup=(200 * 50000) // 1024, lr_warmup_start=1e-8 / 6e-4, flow_ratio=0.25,
+                    mean_t=-0.6, std_t=1.6, mean_r=-4.0, std_r=1.6, t_max=0.999, adaptive_p=0.75, adaptive_c=1e-3, precision='fp32',
+                    ema=ema_halflife_kimg(0.9999, 1024), ema_rampup=0., mid_time=0.5),
+}
+
+MEANFLOW_ALIASES = COMMON_ALIASES + (
+    Alias('teacher_model_path', 'teacher'), Alias('teacher_path', 'teacher'),
+    Alias('batch_size', 'batch', lambda v, ws: v * ws, int, "per process, as FastGen's per-GPU batch_size"),
+    Alias('max_iter', 'steps', note="FastGen's trainer.max_iter"),
+)
+
+# %% ../nbs/45_meanflow.ipynb #f3c66e32
+def linear_warmup(n: int, start: float = 0.): # warm-up updates; LR factor at the first update
+    "LR factor rising linearly from `start` to 1 over `n` updates, then 1 (FastGen's LambdaLinearScheduler)."
+    return lambda k: 1. if not n else start + (1 - start) * min(1., k / n)
+
+def _meanflow_loss_fn(cfg: MeanFlowConfig, label_dim: int):
+    "The TrainStep loss: one MeanFlow batch (teacher velocity or ε − x₀)."
+    def loss(learn, batch):
+        x0, y = batch[0], batch[1]
+        cond = one_hot_labels(y, label_dim, x0.device)
+        r, t = meanflow_times(len(x0), cfg.mean_t, cfg.std_t, cfg.mean_r, cfg.std_r, cfg.flow_ratio, cfg.t_max)
+        eps = torch.randn_like(x0)
+        teacher = learn.models['teacher'] if cfg.target == 'teacher' else None
+        out = meanflow_terms(learn.models['student'], x0, eps, r.to(x0.device), t.to(x0.device), teacher, cond, cfg.jvp,
+                             cfg.adaptive_p, cfg.adaptive_c, jvp_student=learn.unwrapped('student'))
+        learn.log(r_eq_t=(r == t).double().mean(), u_rms=out['u'].detach().double().square().mean().sqrt())
+        return {'loss': out['loss']}
+    return loss
+
+def meanflow_images(net: nn.Module, # average-velocity network
+                    seeds: list[int], times: list[float], # one image per seed; the sampler's times
+                    label_dim: int = 0, device='cpu') -> torch.Tensor: # classes: seed s asks class s mod label_dim
+    "Images in [-1, 1] from `meanflow_sampler` with per-seed noise (EDM's seed convention)."
+    rnd = StackedRandomGenerator(device, seeds)
+    z = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    labels = one_hot_labels(torch.tensor(seeds) % label_dim, label_dim, device) if label_dim else None
+    return meanflow_sampler(net, z, labels, times).float()
+
+MEANFLOW_OUTPUT = 'network-final.safetensors'
+
+def build_meanflow(cfg: MeanFlowConfig, info) -> RunParts:
+    "Networks, the one TrainStep, data, sampler and final file of a MeanFlow run (Geng et al. 2025)."
+    net, teacher, ds = make_student_network(cfg, info)
+    student = AverageVelocity(net, cfg.delta_channels)
+    label_dim = int(student.label_dim or 0)
+    models = {'student': student}
+    if cfg.target == 'teacher': models['teacher'] = teacher
+    opt = make_run_optimizer(cfg, student.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(cfg.lr_warmup, cfg.lr_warmup_start)) if cfg.lr_warmup else None
+    step = TrainStep('meanflow', _meanflow_loss_fn(cfg, label_dim), opt, clip=cfg.clip, sched=sched)
+    times = cfg.sample_times()
+    sample = lambda learn, seeds: meanflow_images(learn.unwrapped('student'), seeds, times, label_dim, learn.device)
+    C, R = int(student.img_channels), int(student.img_resolution)
+    return RunParts(models, [step], data=run_loader(cfg, info, ds), sample=sample,
+                    final={MEANFLOW_OUTPUT: ('student', {'kind': 'meanflow', 'times': times, 'parametrisation': 'rectified_flow',
+                                                         'two_step_times': [float(cfg.t_max), float(cfg.mid_time), 0.]})},
+                    ema='student', label_dim=label_dim,
+                    record={'img_shape': [C, R, R], 'label_dim': label_dim, 'network': to_jsonable(student.init_kwargs), 'dataset_len': len(ds)},
+                    learner_kwargs={'ddp_kwargs': {'find_unused_parameters': True}})  # e.g. EDM's augment embedding is unused
+
+def train_meanflow(cfg: MeanFlowConfig, # a resolved config (presets and flags applied)
+                   cbs=()) -> Learner: # extra callbacks (notebooks, tests)
+    "Train a MeanFlow student and write `run_dir/network-final.safetensors` with its average-velocity sampler; returns the Learner."
+    return run_training(cfg, build_meanflow, cbs)
+
+@config_cli(MeanFlowConfig, aliases=MEANFLOW_ALIASES, presets=MEANFLOW_PRESETS)
+def meanflow_train(cfg: MeanFlowConfig):
+    "MeanFlow: one-step generation by average velocities, distilled from an EDM teacher or trained from data (Geng et al. 2025)."
+    train_meanflow(cfg)

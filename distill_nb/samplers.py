@@ -4,14 +4,18 @@
 
 # %% ../nbs/04_samplers.ipynb #1c783874
 from __future__ import annotations
-import math
+import importlib, inspect, math, re
 import torch
-from .core import StackedRandomGenerator, get_device, to_uint8
+from .core import StackedRandomGenerator, get_device, to_uint8, UserError, one_hot_labels
 from .schedules import karras_sigmas
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'edm_sampler', 'euler_sampler', 'one_step_sample', 'consistency_sampler', 'rank_batches',
-           'edm_latents_and_labels', 'get_sampler', 'iter_image_batches', 'generate_images']
+__all__ = ['SAMPLERS', 'SAMPLER_SETTINGS', 'register_sampler', 'register_settings', 'get_sampler', 'sampler_meta', 'sample',
+           'resolve_settings', 'edm_sampler', 'euler_sampler', 'one_step_sample', 'consistency_sampler',
+           'few_step_sampler', 'few_step_sample', 'ddpm_process', 'ddpm_sampler', 'ddim_sampler', 'rank_batches',
+           'edm_latents_and_labels', 'net_shape', 'iter_image_batches', 'generate_images', 'seed_images',
+           'edm_settings', 'one_step_settings', 'multistep_settings', 'ddpm_settings', 'meanflow_settings',
+           'lcm_settings']
 
 # %% ../nbs/04_samplers.ipynb #66c2859d
 def _net_attr(net, name, default):
@@ -20,7 +24,85 @@ def _net_attr(net, name, default):
 def _round(net):
     return _net_attr(net, 'round_sigma', lambda s: torch.as_tensor(s))
 
+# %% ../nbs/04_samplers.ipynb #48b988c8
+SAMPLERS: dict = {}          # kind -> sampler fn(net, latents, class_labels=None, randn_like=..., **settings), or 'distill_nb.module:function'
+SAMPLER_SETTINGS: dict = {}  # kind -> settings(net, meta, **flags) -> sampler keyword arguments (command-line flags over the header)
+_LAZY = re.compile(r'distill_nb(\.\w+)+:\w+')
+
+def register_sampler(kind: str, # the `kind` a network file's metadata names
+                     *aliases: str, # more names for the same sampler (e.g. 'heun' for 'edm')
+                     fn=None): # the sampler, or a lazy 'distill_nb.module:function'; None = use as a decorator
+    "File a sampler under `kind` (and `aliases`) in `SAMPLERS`; returns it (a decorator when `fn` is None)."
+    def deco(f):
+        if isinstance(f, str) and not _LAZY.fullmatch(f):
+            raise ValueError(f"register_sampler({kind!r}): a lazy entry must read 'distill_nb.module:function', got {f!r}")
+        if not (isinstance(f, str) or callable(f)): raise TypeError(f'register_sampler({kind!r}): expected a callable, got {type(f).__name__}')
+        for k in (kind, *aliases): SAMPLERS[k] = f
+        return f
+    return deco if fn is None else deco(fn)
+
+def register_settings(*kinds: str):
+    "Decorator: `settings(net, meta, **flags) -> kwargs` applies the command-line flags to the header of these kinds."
+    def deco(f):
+        for k in kinds: SAMPLER_SETTINGS[k] = f
+        return f
+    return deco
+
+def _resolve(ref: str):
+    "The function named by a lazy 'distill_nb.module:function' entry (only distill_nb's own modules are imported)."
+    mod, name = ref.split(':')
+    return getattr(importlib.import_module(mod), name)
+
+def get_sampler(sampler): # a callable (returned as is) or a kind in `SAMPLERS`
+    "A sampler function from a callable or a kind in `SAMPLERS` (a lazy entry is imported on first use)."
+    if callable(sampler): return sampler
+    if sampler not in SAMPLERS: raise ValueError(f'--sampler: expected one of {sorted(SAMPLERS)}, got {sampler!r}')
+    f = SAMPLERS[sampler]
+    if isinstance(f, str): f = SAMPLERS[sampler] = _resolve(f)
+    return f
+
+def sampler_meta(net) -> dict:
+    "The sampler entry of a network's header (`net.distill_meta['sampler']`), `{'kind': 'edm'}` if none; DDPM students get their header's `diffusion` flags."
+    m = getattr(net, 'distill_meta', None) or {}
+    s = dict(m.get('sampler') or {})
+    if not s: s = {'kind': 'ddpm'} if isinstance(m.get('diffusion'), dict) else {'kind': 'edm'}  # DKDM's students: flags, no sampler entry
+    if s.get('kind') in ('ddpm', 'ddim') and 'diffusion' not in s and isinstance(m.get('diffusion'), dict): s['diffusion'] = m['diffusion']
+    return s
+
+def _takes(fn, kw: dict) -> dict:
+    "The entries of `kw` that `fn` accepts as keyword arguments (all of them if it takes **kwargs)."
+    ps = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in ps): return dict(kw)
+    names = {p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kw.items() if k in names}
+
+def sample(net, # the network (denoiser contract, or what its kind's sampler drives)
+           latents: torch.Tensor, # standard normal [B, C, R, R]
+           class_labels=None, # one-hot [B, label_dim] (or the kind's conditioning, e.g. LCM caption embeddings), or None
+           meta: dict | None = None, # {'kind': ..., **settings}; None = the network's header (`sampler_meta`)
+           randn_like=torch.randn_like, # noise source (per-seed: `StackedRandomGenerator.randn_like`)
+           **overrides): # settings that replace the header's (None values are ignored)
+    "Sample `net` as its metadata says: the kind's sampler from `SAMPLERS` with the header's settings and `overrides`."
+    meta = dict(sampler_meta(net) if meta is None else meta)
+    fn = get_sampler(meta.pop('kind', 'edm'))
+    kw = {**_takes(fn, meta), **{k: v for k, v in overrides.items() if v is not None}}
+    return fn(net, latents, class_labels, randn_like=randn_like, **kw)
+
+def resolve_settings(net, # loaded network (its header names the kind)
+                     meta: dict | None = None, # sampler metadata; None = the network's header
+                     **flags): # command-line flags: steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, solver
+    "(kind, sampler kwargs) for `net`: the header's settings with the command-line flags applied by the kind's settings function."
+    meta = dict(sampler_meta(net) if meta is None else meta)
+    kind = meta.get('kind', 'edm')
+    if kind not in SAMPLERS: raise UserError(f"sampler kind {kind!r} in the network's header is unknown; expected one of {sorted(SAMPLERS)}")
+    if flags.get('steps') is not None and flags['steps'] < 1: raise UserError(f"--steps: expected a positive number of steps, got {flags['steps']}")
+    if flags.get('solver') not in (None, 'heun', 'euler'): raise UserError(f"--solver: expected 'heun' or 'euler', got {flags['solver']!r}")
+    st = SAMPLER_SETTINGS.get(kind)
+    kw = st(net, meta, **flags) if st is not None else _takes(get_sampler(kind), {k: v for k, v in meta.items() if k != 'kind'})
+    return kind, {k: v for k, v in kw.items() if v is not None}
+
 # %% ../nbs/04_samplers.ipynb #e93cc8a5
+@register_sampler('edm', 'heun')
 def edm_sampler(net, # denoiser D(x, sigma, class_labels)
                 latents: torch.Tensor, # standard normal [B, C, R, R]
                 class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
@@ -54,11 +136,13 @@ def edm_sampler(net, # denoiser D(x, sigma, class_labels)
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
+@register_sampler('euler')
 def euler_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, **kwargs):
-    "First-order Euler variant of `edm_sampler` (Karras et al. 2022); same arguments."
-    return edm_sampler(net, latents, class_labels, randn_like, solver='euler', **kwargs)
+    "First-order Euler variant of `edm_sampler` (Karras et al. 2022); same arguments (`solver` is always 'euler')."
+    return edm_sampler(net, latents, class_labels, randn_like, **{**kwargs, 'solver': 'euler'})
 
 # %% ../nbs/04_samplers.ipynb #540320f7
+@register_sampler('one_step')
 def one_step_sample(G, # generator with the denoiser contract G(x, sigma, class_labels)
                     latents: torch.Tensor, # standard normal [B, C, R, R]
                     class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
@@ -69,6 +153,7 @@ def one_step_sample(G, # generator with the denoiser contract G(x, sigma, class_
     return G(latents * sigma, s, class_labels)
 
 # %% ../nbs/04_samplers.ipynb #5abbc5f7
+@register_sampler('consistency')
 def consistency_sampler(net, # consistency function f(x, sigma, class_labels)
                         latents: torch.Tensor, # standard normal [B, C, R, R]
                         class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
@@ -89,6 +174,80 @@ def consistency_sampler(net, # consistency function f(x, sigma, class_labels)
         if k > 0: x = x + math.sqrt(s ** 2 - sigma_min ** 2) * randn_like(x)
         x = net(x, round_sigma(torch.tensor(s, dtype=torch.float64, device=x.device)), class_labels).to(torch.float64)
     return x
+
+# %% ../nbs/04_samplers.ipynb #d0198812
+@register_sampler('few_step')
+def few_step_sampler(net, # generator with the denoiser contract G(x, sigma, class_labels)
+                     latents: torch.Tensor, # standard normal [B, C, R, R]
+                     class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] or None
+                     randn_like=torch.randn_like, # noise source (per-seed: `StackedRandomGenerator.randn_like`)
+                     sigmas=(80.,)): # decreasing student noise levels σ_0 > ... > σ_{K-1} > 0
+    "K-step DMD2 sampling: denoise, re-noise to the next σ with the forward process (Yin et al. 2024); K evaluations, float64 state."
+    return consistency_sampler(net, latents, class_labels, sigmas=sigmas, randn_like=randn_like, sigma_min=0.)
+
+def few_step_sample(generator, # student denoiser G(x, σ, y)
+                    z: torch.Tensor, # standard normal [B, C, R, R]
+                    labels: torch.Tensor | None, # one-hot labels or None
+                    student_sigmas: list[float], # decreasing student noise levels
+                    noise_fn=torch.randn_like) -> torch.Tensor: # noise source
+    "`few_step_sampler` with DMD2's argument order (the name `dmd2.few_step_sample` had)."
+    with torch.no_grad(): return few_step_sampler(generator, z, labels, noise_fn, sigmas=student_sigmas)
+
+# %% ../nbs/04_samplers.ipynb #42ff1c10
+_DIFFUSION_FROM_FLAGS = 'distill_nb.ddpm:diffusion_from_flags'  # the process is the DDPM module's (lazy: no import of it here)
+
+def _learns_sigma(net) -> bool | None:
+    "True/False when the ε-network's output width says whether it learns its variances (2C channels), else None."
+    cin = getattr(net, 'in_channels', None) or (getattr(net, 'shape', None) or [None])[0]
+    cout = getattr(net, 'out_channels', None) or getattr(net, 'out_ch', None)
+    return None if not (cin and cout) else int(cout) == 2 * int(cin)
+
+def ddpm_process(net, # ε-network (its output width decides `learn_sigma` when known)
+                 diffusion, # a `ddpm.DDPM` (used as is) or guided-diffusion flags (dict)
+                 steps=None): # respacing ('50', 50, 'ddim50', '10,15,20'); None = the flags' timestep_respacing, else all steps
+    "The (respaced) discrete process to sample `net` on."
+    if diffusion is None: raise UserError('ddpm sampling needs the diffusion flags (diffusion_steps, noise_schedule, ...) in the sampler metadata')
+    if isinstance(diffusion, dict):
+        flags, ls = dict(diffusion), _learns_sigma(net)
+        if steps is None: steps = flags.get('timestep_respacing') or None
+        if ls is not None: flags['learn_sigma'] = ls
+        diffusion = _resolve(_DIFFUSION_FROM_FLAGS)('sampler metadata', **{**flags, 'timestep_respacing': ''})
+    if steps is None or str(steps) == str(diffusion.num_timesteps): return diffusion
+    return diffusion.respace(str(steps))
+
+@register_sampler('ddpm')
+def ddpm_sampler(net, # ε-network net(x_t, t, y=None) (ADM, DKDM students)
+                 latents: torch.Tensor, # standard normal x_T [B, C, H, W]
+                 class_labels: torch.Tensor | None = None, # one-hot [B, label_dim] (or ids) for class-conditional networks, or None
+                 randn_like=torch.randn_like, # noise source (per-seed: `StackedRandomGenerator.randn_like`)
+                 diffusion=None, # `ddpm.DDPM` or guided-diffusion flags
+                 steps=None, # respacing; None = the flags' timestep_respacing, else all T steps
+                 clip_denoised: bool = True, # clamp x̂_0 to [-1, 1] (guided-diffusion's sampling default)
+                 eta: float = 0., # DDIM stochasticity (DDIM only)
+                 ddim: bool = False): # DDIM (Song et al. 2021) instead of ancestral steps
+    "Ancestral DDPM (Ho et al. 2020) or DDIM (Song et al. 2021) sampling of an ε-network, one `randn_like` draw per step."
+    proc = ddpm_process(net, diffusion, steps)
+    kw = None
+    if class_labels is not None and getattr(net, 'num_classes', None):
+        kw = {'y': class_labels.argmax(1) if class_labels.ndim == 2 else class_labels.long()}
+    x = latents
+    for i in reversed(range(proc.num_timesteps)):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        z = randn_like(x)
+        out = proc.ddim_sample(net, x, t, clip_denoised, kw, eta, z) if ddim else proc.p_sample(net, x, t, clip_denoised, kw, z)
+        x = out['sample']
+    return x
+
+@register_sampler('ddim')
+def ddim_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, diffusion=None, steps=None,
+                 clip_denoised: bool = True, eta: float = 0.):
+    "DDIM sampling (Song et al. 2021, η = `eta`) of an ε-network; the arguments of `ddpm_sampler`."
+    return ddpm_sampler(net, latents, class_labels, randn_like, diffusion, steps, clip_denoised, eta, ddim=True)
+
+# %% ../nbs/04_samplers.ipynb #935fdabd
+register_sampler('lcm', fn='distill_nb.lcm:lcm_sample')
+register_sampler('one_step_fp32', fn='distill_nb.gdd:one_step_fp32')
+register_sampler('meanflow', fn='distill_nb.meanflow:meanflow_sampler')
 
 # %% ../nbs/04_samplers.ipynb #30fde068
 def rank_batches(seeds: list[int], # all seeds
@@ -121,29 +280,29 @@ def edm_latents_and_labels(seeds: list[int], # one seed per image
             labels[:, class_idx] = 1
     return latents, labels, rnd
 
-SAMPLERS = {'edm': edm_sampler, 'heun': edm_sampler, 'euler': euler_sampler,
-            'one_step': one_step_sample, 'consistency': consistency_sampler}
-
-def get_sampler(sampler):
-    "A sampler function from a callable or a name in `SAMPLERS`."
-    if callable(sampler): return sampler
-    if sampler not in SAMPLERS: raise ValueError(f'--sampler: expected one of {sorted(SAMPLERS)}, got {sampler!r}')
-    return SAMPLERS[sampler]
+def net_shape(net) -> tuple[int, int, int]:
+    "(channels, resolution, label_dim): EDM's `img_channels`/`img_resolution`/`label_dim`, else ADM's `in_channels`/`image_size`/`num_classes`, else a (C, H, W) `shape`."
+    shape = getattr(net, 'shape', None)
+    c = getattr(net, 'img_channels', None) or getattr(net, 'in_channels', None) or (shape[0] if shape else None)
+    r = getattr(net, 'img_resolution', None) or getattr(net, 'image_size', None) or (shape[-1] if shape else None)
+    if c is None or r is None: raise ValueError(f'{type(net).__name__}: cannot tell the image shape (no img_channels/img_resolution, in_channels/image_size or shape)')
+    return int(c), int(r), int(getattr(net, 'label_dim', None) or getattr(net, 'num_classes', None) or 0)
 
 def iter_image_batches(net, # denoiser or generator (denoiser contract)
                        seeds: list[int], # seeds of the images to generate
                        class_idx: int | None = None, # fixed class; None = random per seed (EDM)
                        batch_size: int = 64, # maximum batch size per rank
                        device=None, # device (None = CUDA if available)
-                       sampler='edm', # callable or name in `SAMPLERS`
+                       sampler='edm', # callable, kind in `SAMPLERS`, or None = as the network's header says (`sample`)
                        rank: int = 0, world_size: int = 1, # this process among world_size
                        **sampler_kwargs): # passed to the sampler (num_steps, S_churn, sigmas, ...)
     "Yield (batch_seeds, uint8 images [B, C, R, R]) for this rank, following EDM's `generate.py`."
-    device, fn = get_device(device), get_sampler(sampler)
+    device, fn = get_device(device), (sample if sampler is None else get_sampler(sampler))
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    C, R, L = net_shape(net)
     for batch in rank_batches(list(seeds), batch_size, rank, world_size):
         if not batch: continue
-        latents, labels, rnd = edm_latents_and_labels(batch, net.img_channels, net.img_resolution, net.label_dim, class_idx, device)
+        latents, labels, rnd = edm_latents_and_labels(batch, C, R, L, class_idx, device)
         with torch.no_grad():
             images = fn(net, latents, labels, randn_like=rnd.randn_like, **sampler_kwargs)
         yield batch, to_uint8(images).cpu()
@@ -151,5 +310,83 @@ def iter_image_batches(net, # denoiser or generator (denoiser contract)
 def generate_images(net, seeds, class_idx=None, batch_size=64, device=None, sampler='edm', rank=0, world_size=1, **sampler_kwargs):
     "uint8 images [N, C, R, R] for this rank's seeds (all seeds, in order, when world_size = 1), as EDM's `generate.py`."
     out = [imgs for _, imgs in iter_image_batches(net, seeds, class_idx, batch_size, device, sampler, rank, world_size, **sampler_kwargs)]
-    if not out: return torch.zeros(0, net.img_channels, net.img_resolution, net.img_resolution, dtype=torch.uint8)
+    if not out:
+        C, R, _ = net_shape(net)
+        return torch.zeros(0, C, R, R, dtype=torch.uint8)
     return torch.cat(out)
+
+def seed_images(net, # loaded network (its header names the kind), or any net with an explicit `meta`
+                seeds: list[int], # one image per seed, all in one batch
+                class_ids=None, # None = random per seed (EDM), one id for all, or one id per seed
+                meta: dict | None = None, # sampler metadata; None = the network's header
+                device=None, # where latents are drawn (default: CUDA if available)
+                **overrides): # settings replacing the header's (e.g. sigmas=[80., 2.5], sigma=...)
+    "Float32 samples for `seeds` as the header says, with EDM's per-seed latents, labels and noise (the Python side of `distill_generate`)."
+    C, R, L = net_shape(net)
+    dev = get_device(device)
+    latents, labels, rnd = edm_latents_and_labels(list(seeds), C, R, L, None, dev)  # class draws happen always, as in EDM
+    if L and class_ids is not None:
+        ids = torch.as_tensor(class_ids).reshape(-1)
+        if ids.numel() == 1: ids = ids.expand(len(seeds))
+        if ids.numel() != len(seeds): raise ValueError(f'class_ids: expected 1 or {len(seeds)} ids, got {ids.numel()}')
+        labels = one_hot_labels(ids, L, dev)
+    with torch.no_grad(): return sample(net, latents, labels, meta, rnd.randn_like, **overrides).float()
+
+# %% ../nbs/04_samplers.ipynb #383874a5
+_FLAGS = dict(steps=None, sigma_min=None, sigma_max=None, rho=7., S_churn=0., S_min=0., S_max=float('inf'), S_noise=1., solver=None)
+
+def _refuse(kind, flags, *names):
+    for n in names:
+        if flags.get(n) is not None: raise UserError(f'--{n}: does not apply to {kind!r} sampling (the network header says {kind!r})')
+
+@register_settings('edm', 'heun', 'euler')
+def edm_settings(net, meta, **flags):
+    "EDM's sampler: `--steps` → num_steps (default 18), the σ range, ρ, churn and `--solver` (Karras et al. 2022)."
+    f = {**_FLAGS, **flags}
+    solver = 'euler' if meta.get('kind') == 'euler' else f['solver'] or meta.get('solver', 'heun')
+    return dict(num_steps=f['steps'] or meta.get('num_steps', 18), sigma_min=f['sigma_min'], sigma_max=f['sigma_max'], rho=f['rho'],
+                S_churn=f['S_churn'], S_min=f['S_min'], S_max=f['S_max'], S_noise=f['S_noise'], solver=solver)
+
+@register_settings('one_step', 'one_step_fp32')
+def one_step_settings(net, meta, **flags):
+    "One evaluation at σ = `--sigma_max`, else the header's σ, else min(80, net.sigma_max)."
+    s = flags.get('sigma_max')
+    return {'sigma': float(s if s is not None else meta.get('sigma', min(80., float(getattr(net, 'sigma_max', 80.)))))}
+
+@register_settings('consistency', 'few_step')
+def multistep_settings(net, meta, **flags):
+    "The stored σ list, capped by `--sigma_max`; `--steps 2`: a stored `two_step_sigmas`; other K ≠ its length: the first K of K+1 Karras levels (above σ_min)."
+    f = {**_FLAGS, **flags}
+    sig = [float(s) for s in meta.get('sigmas') or [min(80., float(getattr(net, 'sigma_max', 80.)))]]
+    if f['steps'] == 2 and meta.get('two_step_sigmas'): sig = [float(s) for s in meta['two_step_sigmas']]  # sCM's published 2-step list
+    if f['sigma_max'] is not None: sig = [min(s, float(f['sigma_max'])) for s in sig]
+    if f['steps'] is not None and f['steps'] != len(sig):
+        lo = max(float(f['sigma_min'] or 0.002), float(getattr(net, 'sigma_min', 0.002)))
+        sig = karras_sigmas(f['steps'] + 1, lo, float(f['sigma_max'] or sig[0]), f['rho'])[:-1].tolist()
+    return {'sigmas': sig}
+
+@register_settings('ddpm', 'ddim')
+def ddpm_settings(net, meta, **flags):
+    "The header's diffusion flags and respacing; `--steps K` respaces to K steps."
+    _refuse(meta.get('kind'), flags, 'sigma_min', 'sigma_max', 'solver')
+    kw = {k: meta[k] for k in ('diffusion', 'steps', 'clip_denoised', 'eta', 'ddim') if k in meta}
+    if flags.get('steps') is not None: kw['steps'] = int(flags['steps'])
+    if meta.get('kind') == 'ddim' or not kw.get('ddim'): kw.pop('ddim', None)
+    if not (meta.get('kind') == 'ddim' or kw.get('ddim')): kw.pop('eta', None)
+    return kw
+
+@register_settings('meanflow')
+def meanflow_settings(net, meta, **flags):
+    "MeanFlow's stored times; `--steps K` ≠ their count: `two_step_times` for K = 2, else K equal jumps from t_max to 0."
+    _refuse('meanflow', flags, 'sigma_min', 'sigma_max', 'solver')
+    ts, K = [float(t) for t in meta.get('times') or (0.999, 0.)], flags.get('steps')
+    if K is not None and K != len(ts) - 1:
+        ts = [float(t) for t in meta['two_step_times']] if K == 2 and meta.get('two_step_times') else \
+             [ts[0] * (1 - i / K) for i in range(K + 1)]
+    return {'times': ts}
+
+@register_settings('lcm')
+def lcm_settings(net, meta, **flags):
+    "LCM's multistep consistency sampling: `--steps K` evaluations (default the header's num_steps) at its guidance scale."
+    _refuse('lcm', flags, 'sigma_min', 'sigma_max', 'solver')
+    return {'num_steps': int(flags.get('steps') or meta.get('num_steps', 4)), 'guidance_scale': float(meta.get('guidance_scale', 7.))}

@@ -4,16 +4,27 @@
 
 # %% ../nbs/44_scm.ipynb #e225b0a6
 from __future__ import annotations
-import math
+import copy, math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 import torch
 from torch import nn
-from .core import append_dims
+from .core import (append_dims, check_divisible, check_file, check_positive, check_range, one_hot_labels,
+                             StackedRandomGenerator, to_jsonable, UserError)
 from .jvp import jvp, trig_time, edm_sigma, TrigFlowDenoiser
 from .networks import PositionalEmbedding
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool
+from .edm_train import EDM_PRESETS
+from .learner import Learner, TrainStep, make_optimizer
+from .run import RunParts, run_training, run_loader
 
 # %% auto #0
-__all__ = ['truncated_lognormal_sigma', 'scm_tangent', 'normalize_tangent', 'scm_loss', 'LogvarHead', 'scm_terms',
-           'GaussianConsistency']
+__all__ = ['SCM_PRESETS', 'SCM_ALIASES', 'SCM_OUTPUT', 'truncated_lognormal_sigma', 'scm_tangent', 'normalize_tangent',
+           'scm_loss', 'LogvarHead', 'device_rng_state', 'set_device_rng_state', 'stabilize_tangent', 'scm_terms',
+           'GaussianConsistency', 'SCMConfig', 'check_choice', 'ema_halflife_kimg', 'set_dropout', 'open_training_data',
+           'check_data_fits', 'load_teacher', 'make_student_network', 'make_run_optimizer', 'inverse_sqrt_decay',
+           'consistency_sample', 'build_scm', 'train_scm', 'scm_train']
 
 # %% ../nbs/44_scm.ipynb #c8098ab7
 def truncated_lognormal_sigma(n: int, P_mean: float = -1.0, P_std: float = 1.4, # ln σ ~ N(P_mean, P_std²) ...
@@ -68,6 +79,23 @@ class LogvarHead(nn.Module):
         return self.linear(self.emb(c_noise)).reshape(-1)
 
 # %% ../nbs/44_scm.ipynb #16d3d045
+def device_rng_state(device: torch.device | str) -> tuple:
+    "The RNG state that drives random ops (dropout) on `device`: CPU's, plus CUDA's on a CUDA device."
+    d = torch.device(device)
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(d) if d.type == 'cuda' else None), d
+
+def set_device_rng_state(st: tuple):
+    "Restore a `device_rng_state` snapshot (so a second pass draws the same dropout masks)."
+    torch.set_rng_state(st[0])
+    if st[1] is not None: torch.cuda.set_rng_state(st[1], st[2])
+
+def stabilize_tangent(g: torch.Tensor, mode: str = 'normalize', c: float = 0.1) -> torch.Tensor:
+    "Tangent stabiliser: `normalize` g/(RMS(g)+c), `clip` to [−1, 1], or `none` (Lu & Song 2024, §4.2)."
+    if mode == 'normalize': return normalize_tangent(g, c)
+    if mode == 'clip': return g.clamp(-1, 1)
+    if mode == 'none': return g
+    raise ValueError(f"stabilize_tangent: mode must be 'normalize', 'clip' or 'none', got {mode!r}")
+
 def scm_terms(student: TrigFlowDenoiser, # F_θ
               x0: torch.Tensor, # clean training images x₀ (sCD and sCT both noise real data)
               sigma: torch.Tensor, # [B] EDM noise levels (from `truncated_lognormal_sigma`)
@@ -76,7 +104,10 @@ def scm_terms(student: TrigFlowDenoiser, # F_θ
               logvar_head: nn.Module | None = None, # adaptive weighting w(σ)
               cond=None, # class labels / conditioning for both networks
               r: float = 1., # tangent warm-up factor
-              jvp_method: str = 'forward') -> dict: # 'forward' or 'fd' (finite difference)
+              jvp_method: str = 'forward', # 'forward' or 'fd' (finite difference)
+              tangent: str = 'normalize', # tangent stabiliser: 'normalize', 'clip' or 'none'
+              tangent_c: float = 0.1, # c of the normalisation g/(RMS(g) + c)
+              jvp_student: TrigFlowDenoiser | None = None) -> dict: # the same F_θ without DDP (default: `student`)
     "Per-sample sCM loss and diagnostics for one batch (sCD with a teacher, sCT without; Lu & Song 2024)."
     sd = student.sigma_data
     t = trig_time(sigma, sd).to(x0.device)
@@ -84,17 +115,19 @@ def scm_terms(student: TrigFlowDenoiser, # F_θ
     x_hat = (ct * x0.double() + st * sd * n.double()).to(x0.dtype)
     with torch.no_grad():
         dxdt = teacher.velocity(x_hat, t.to(x0.dtype), cond) if teacher is not None else (-st * x0.double() + ct * sd * n.double()).to(x0.dtype)
-    rng = torch.get_rng_state()
+    rng = device_rng_state(x0.device)
     F = student(x_hat, t.to(x0.dtype), cond)
-    with torch.no_grad():
-        torch.set_rng_state(rng)
+    js = jvp_student if jvp_student is not None else student
+    with torch.no_grad(), torch.autocast(x0.device.type, enabled=False):  # the JVP in float32, as FastGen runs it under bf16 training
+        set_device_rng_state(rng)  # the JVP pass replays the main pass's dropout masks
         cs = (ct * st).to(x0.dtype)
-        _, J = jvp(lambda a, b: student(a, b, cond), (x_hat, t.to(x0.dtype)), (cs * dxdt, (t.cos() * t.sin()).to(x0.dtype)), jvp_method)
+        _, J = jvp(lambda a, b: js(a, b, cond), (x_hat, t.to(x0.dtype)), (cs * dxdt, (t.cos() * t.sin()).to(x0.dtype)), jvp_method)
     g_raw = scm_tangent(F.detach(), dxdt, x_hat, t, J, r, sd)
-    g = normalize_tangent(g_raw)
+    g = stabilize_tangent(g_raw, tangent, tangent_c)
     w = logvar_head(sigma.to(x0.device)) if logvar_head is not None else None
     loss = scm_loss(F, F.detach(), g, w, sigma.to(x0.device))
-    return {'loss': loss, 'tangent_rms': g_raw.flatten(1).norm(dim=1) / math.sqrt(g_raw[0].numel()), 'F': F, 'x_hat': x_hat, 't': t}
+    return {'loss': loss, 'tangent_rms': g_raw.flatten(1).norm(dim=1) / math.sqrt(g_raw[0].numel()), 'F': F, 'x_hat': x_hat, 't': t,
+            'logvar': w, 'J': J}
 
 # %% ../nbs/44_scm.ipynb #9e5fd3f0
 class GaussianConsistency(nn.Module):
@@ -103,3 +136,224 @@ class GaussianConsistency(nn.Module):
         super().__init__(); self.g = gaussian
         self.sigma_data = gaussian.sigma_data
     def forward(self, x, sigma, class_labels=None, **kw): return self.g.ode_map(x, sigma, 0.)
+
+# %% ../nbs/44_scm.ipynb #2fa090bc
+@dataclass
+class SCMConfig(RunConfig):
+    "Settings of an sCM run (sCD from an EDM teacher, sCT from data; Lu & Song 2024), on top of the shared `RunConfig`."
+    teacher: str | None = None  # EDM network (.pkl, .safetensors or builtin:tiny-edm): sCD's teacher; the student starts from its weights (sCD and sCT)
+    mode: Literal['scd', 'sct'] = 'scd'  # scd: distil the teacher's PF-ODE velocity; sct: consistency training with the conditional velocity of the data
+    arch: str | None = None  # sCT without --teacher: EDM network preset trained from scratch (tiny, small, ddpmpp, ncsnpp, adm)
+    data: str = 'toy'  # training images: LMDB folder, image folder/zip, or 'toy' (procedural shapes)
+    toy_size: int = 4096  # images in the toy dataset (--data toy)
+    resolution: int = 16  # toy image side when there is no teacher to take it from
+    cond: bool = True  # --arch: class-conditional when the data has labels (with --teacher, the teacher decides)
+    sigma_data: float = 0.5  # TrigFlow's data standard deviation σ_d (the teacher's own σ_d is used when it has one)
+    P_mean: float = -1.0  # time proposal: ln σ ~ N(P_mean, P_std²), σ = σ_d·tan t, truncated to [sigma_min, sigma_max]
+    P_std: float = 1.4  # standard deviation of ln σ in the proposal (ImageNet-64: 1.6)
+    sigma_min: float = 0.002  # lowest training σ
+    sigma_max: float = 80.  # highest training σ (FastGen's sCT: 800)
+    warmup: int = 10000  # tangent warm-up: the second tangent term is scaled by min(1, iteration/warmup) (0: none)
+    tangent: Literal['normalize', 'clip', 'none'] = 'normalize'  # tangent stabiliser: g/(RMS(g) + tangent_c), clamp to [-1, 1], or none
+    tangent_c: float = 0.1  # c of the tangent normalisation g/(RMS(g) + c)
+    adaptive: bool = True  # adaptive loss weighting: a log-variance head w(t) trained jointly with the student
+    logvar_channels: int | None = None  # width of the log-variance head's embedding (default: the backbone's noise embedding, 128 for DDPM++)
+    dropout: float | None = None  # student dropout (default: the teacher's); FastGen: 0.2 for sCT, 0 for sCD
+    optimizer: Literal['radam', 'adam', 'adamw'] = 'radam'  # optimizer of the student and the log-variance head
+    lr: float = 1e-4  # learning rate
+    beta1: float = 0.9  # Adam/RAdam β₁
+    beta2: float = 0.99  # Adam/RAdam β₂
+    adam_eps: float = 1e-8  # Adam/RAdam ε (FastGen ImageNet-64: 1e-11)
+    weight_decay: float = 0.  # weight decay
+    lr_decay: int = 0  # inverse-square-root LR decay lr/√(max(1, k/lr_decay)) after k updates (0: constant; FastGen ImageNet-64: 35000)
+    clip: float | None = None  # clip the global gradient norm (default: no clipping; FastGen ImageNet-64: 10)
+    jvp: Literal['forward', 'fd'] = 'forward'  # time derivative: exact forward-mode JVP, or central finite difference
+    sample_steps: Literal[1, 2] = 1  # steps of the sampler written with the final network (grids and FID use it too)
+    sample_sigma: float = 80.  # EDM σ = σ_d·tan t of the first sampling step
+    mid_sigma: float = 0.821  # EDM σ of the second step of the 2-step sampler (FastGen: 0.821 CIFAR-10, 1.1 ImageNet-64)
+
+    def check(self, world_size: int = 1):
+        "Validate the shared settings, then sCM's own; a `UserError` names the flag."
+        super().check(world_size)
+        if self.teacher is None and self.mode == 'scd': raise UserError('--teacher: sCD needs an EDM teacher (.pkl, .safetensors or builtin:tiny-edm)')
+        if self.teacher is None and self.arch is None: raise UserError('--arch: sCT without --teacher trains from scratch; give a network preset (or --teacher to start from)')
+        if self.teacher is not None and self.arch is not None: raise UserError('--arch: the student is the teacher network; give --arch only without --teacher')
+        if self.arch is not None: check_choice('--arch', self.arch, EDM_PRESETS)
+        for k in ('toy_size', 'resolution', 'sigma_data', 'P_std', 'sigma_min', 'lr', 'tangent_c', 'sample_sigma', 'mid_sigma'):
+            check_positive(f'--{k}', getattr(self, k))
+        for k in ('warmup', 'lr_decay', 'weight_decay'): check_positive(f'--{k}', getattr(self, k), allow_zero=True)
+        if self.sigma_max <= self.sigma_min: raise UserError(f'--sigma_max {self.sigma_max}: must exceed --sigma_min {self.sigma_min}')
+        if self.logvar_channels is not None: check_divisible('--logvar_channels', check_positive('--logvar_channels', self.logvar_channels), 2, 'two (sin and cos halves)')
+        if self.dropout is not None: check_range('--dropout', self.dropout, 0, 1, 'a probability')
+        for k in ('beta1', 'beta2'): check_range(f'--{k}', getattr(self, k), 0, 1, 'a rate in [0, 1)')
+        check_positive('--adam_eps', self.adam_eps)
+        if self.clip is not None: check_positive('--clip', self.clip)
+        if self.sample_steps == 2 and self.mid_sigma >= self.sample_sigma:
+            raise UserError(f'--mid_sigma {self.mid_sigma}: must be below --sample_sigma {self.sample_sigma} (the sampler goes down in σ)')
+        return self
+
+    def sample_sigmas(self) -> list[float]:
+        "The σ list of the published sampler: [sample_sigma] or [sample_sigma, mid_sigma]."
+        return [float(self.sample_sigma)] + ([float(self.mid_sigma)] if self.sample_steps == 2 else [])
+
+def check_choice(flag: str, value, choices) -> str:
+    "`value` if it is one of `choices`, else a `UserError` naming the flag."
+    if value not in choices: raise UserError(f'{flag}: expected one of {", ".join(map(str, choices))}, got {value!r}')
+    return value
+
+# %% ../nbs/44_scm.ipynb #1050c99b
+def ema_halflife_kimg(beta: float, # constant EMA decay per iteration (FastGen: 0.9999)
+                      batch: int) -> float: # global batch
+    "The EMA half-life in thousands of images (`--ema`) equal to a constant per-iteration decay β at this batch."
+    return round(batch * math.log(0.5) / math.log(beta) / 1000, 1)
+
+_SCM_COMMON = dict(optimizer='radam', lr=1e-4, beta1=0.9, beta2=0.99, adam_eps=1e-8, weight_decay=0., P_mean=-1.0, P_std=1.4,
+                   warmup=10000, tangent='normalize', tangent_c=0.1, adaptive=True, precision='fp32', ema_rampup=0.)
+SCM_PRESETS = {
+    # FastGen config_sct_cifar10.py: EDM DDPM++ uncond init, dropout 0.2, σ up to 800 in training, 350k iterations at batch 512
+    'cifar10-sct': dict(_SCM_COMMON, mode='sct', batch=512, steps=350_000, dropout=0.2, sigma_max=800., sample_sigma=80., mid_sigma=0.821,
+                        ema=ema_halflife_kimg(0.9999, 512)),
+    # FastGen config_scd_cifar10.py: teacher edm-cifar10-uncond-vp, dropout 0, 500k iterations at batch 512, 1 step from σ_998 = 79.564
+    'cifar10-scd': dict(_SCM_COMMON, mode='scd', batch=512, steps=500_000, dropout=0., sigma_max=80., sample_sigma=79.564, mid_sigma=0.821,
+                        ema=ema_halflife_kimg(0.9999, 512)),
+    # FastGen config_scd_in64.py: ADM teacher (class-conditional), Adam 7e-5 β (0.9, 0.99) eps 1e-11, inverse-sqrt decay after 35k, clip 10, bf16
+    'imagenet64-scd': dict(_SCM_COMMON, mode='scd', batch=1024, steps=600_000, dropout=0., P_std=1.6, optimizer='adam', lr=7e-5, adam_eps=1e-11,
+                           lr_decay=35_000, clip=10., precision='bf16', sample_sigma=79.564, mid_sigma=1.1, ema=ema_halflife_kimg(0.9999, 1024)),
+}
+
+SCM_ALIASES = COMMON_ALIASES + (
+    Alias('teacher_model_path', 'teacher'), Alias('teacher_path', 'teacher'),
+    Alias('batch_size', 'batch', lambda v, ws: v * ws, int, "per process, as FastGen's per-GPU batch_size"),
+    Alias('max_iter', 'steps', note="FastGen's trainer.max_iter"), Alias('use_cd', 'mode', lambda v, ws: 'scd' if v else 'sct', str2bool, "FastGen's use_cd: true = scd"),
+)
+
+# %% ../nbs/44_scm.ipynb #25176703
+def set_dropout(net: nn.Module, p: float) -> nn.Module:
+    "Set the dropout probability of every block of an EDM/ADM network (and its recorded constructor arguments)."
+    for m in net.modules():
+        if isinstance(m, nn.Dropout): m.p = float(p)
+        elif isinstance(getattr(m, 'dropout', None), float): m.dropout = float(p)
+        kw = getattr(m, 'init_kwargs', None)
+        if isinstance(kw, dict) and 'dropout' in kw: kw['dropout'] = float(p)
+    return net
+
+def open_training_data(data: str, # 'toy' or a dataset path (LMDB, image folder/zip)
+                       toy_size: int, resolution: int, channels: int, label_dim: int, seed: int): # toy settings
+    "The training images of a run: the procedural toy shapes (with as many classes as the network has, 4 if unconditional) or a dataset."
+    if data == 'toy':
+        from distill_nb.toydata import ToyShapes
+        return ToyShapes(toy_size, resolution, n_classes=min(label_dim, 8) if label_dim else 4, seed=seed, channels=channels)
+    if not Path(data).exists(): raise UserError(f'--data {data}: no such dataset (LMDB folder, image folder/zip, or "toy")')
+    from distill_nb.data.cli import open_dataset
+    return open_dataset(data)
+
+def check_data_fits(ds, net: nn.Module, data: str, teacher: str):
+    "The dataset's images have the teacher's shape, and a class-conditional teacher gets labels within its classes; else a `UserError`."
+    want = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    shape = tuple(getattr(ds, 'image_shape', None) or ds[0][0].shape)
+    if shape != want: raise UserError(f'--data {data}: images are {"x".join(map(str, shape))}, but the teacher {teacher} makes {"x".join(map(str, want))} images')
+    ld, dl = int(getattr(net, 'label_dim', 0) or 0), int(getattr(ds, 'label_dim', 0) or 0)
+    if ld and not dl: raise UserError(f'--data {data}: has no class labels, but the teacher {teacher} is class-conditional (label_dim {ld})')
+    if ld and dl > ld: raise UserError(f'--data {data}: labels span {dl} classes, but the teacher {teacher} has label_dim {ld}')
+
+def load_teacher(path: str, device) -> nn.Module:
+    "The EDM network named by `--teacher` (a file, a URL or builtin:NAME), frozen, in eval mode."
+    from distill_nb.checkpoints import load_network
+    if not str(path).startswith('builtin:') and '://' not in str(path): check_file(path, '--teacher', 'an EDM network pickle (*.pkl) or a distill_nb *.safetensors')
+    return load_network(path, device)
+
+def make_student_network(cfg, info, ds=None) -> tuple[nn.Module, nn.Module | None, object]:
+    "(student, teacher or None, dataset): the student is a copy of the teacher (or a fresh `--arch` network); dropout as `--dropout`."
+    from distill_nb.edm_train import edm_network
+    teacher = load_teacher(cfg.teacher, info.device) if cfg.teacher is not None else None
+    if teacher is not None:
+        C, R, ld = int(teacher.img_channels), int(teacher.img_resolution), int(getattr(teacher, 'label_dim', 0) or 0)
+        ds = open_training_data(cfg.data, cfg.toy_size, R, C, ld, cfg.seed)
+        check_data_fits(ds, teacher, cfg.data, cfg.teacher)
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+    else:
+        ds = open_training_data(cfg.data, cfg.toy_size, cfg.resolution, 3, 0, cfg.seed)
+        C, R = ds.image_shape[0], ds.image_shape[-1]
+        student = edm_network(cfg.arch, R, C, int(getattr(ds, 'label_dim', 0) or 0) if cfg.cond else 0, cfg.sigma_data, dropout=cfg.dropout)
+    if cfg.dropout is not None: set_dropout(student, cfg.dropout)
+    return student, teacher, ds
+
+def _noise_channels(net: nn.Module, default: int = 128) -> int:
+    "Width of the backbone's noise embedding (FastGen's logvar input: 128 for DDPM++, 192 for ADM)."
+    emb = getattr(getattr(net, 'model', net), 'map_noise', None)
+    return int(getattr(emb, 'num_channels', default) or default)
+
+def make_run_optimizer(cfg, params) -> torch.optim.Optimizer:
+    "`--optimizer` over `params` with the run's lr, betas, eps and weight decay."
+    kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == 'radam': return torch.optim.RAdam(list(params), lr=cfg.lr, **kw)
+    return make_optimizer(params, cfg.lr, cfg.optimizer, **kw)
+
+def inverse_sqrt_decay(ref: int): # iterations before the decay starts (0: constant)
+    "LR factor 1/√(max(1, k/ref)) after k updates (FastGen's ImageNet-64 schedule); constant when ref is 0."
+    return lambda k: 1. if not ref else 1 / math.sqrt(max(1., k / ref))
+
+# %% ../nbs/44_scm.ipynb #a0402ddc
+def _scm_loss_fn(cfg: SCMConfig, sigma_data: float, label_dim: int):
+    "The TrainStep loss: one sCM batch (sCD with the teacher model, sCT without)."
+    def loss(learn, batch):
+        x0, y = batch[0], batch[1]
+        cond = one_hot_labels(y, label_dim, x0.device)
+        sigma = truncated_lognormal_sigma(len(x0), cfg.P_mean, cfg.P_std, cfg.sigma_min, cfg.sigma_max).to(x0.device)
+        n = torch.randn_like(x0)
+        r = min(1., (learn.step + 1) / cfg.warmup) if cfg.warmup else 1.  # FastGen's iteration k starts at 1
+        teacher = TrigFlowDenoiser(learn.models['teacher'], sigma_data) if cfg.mode == 'scd' else None
+        out = scm_terms(TrigFlowDenoiser(learn.models['student'], sigma_data), x0, sigma, n, teacher,
+                        learn.models['logvar'] if cfg.adaptive else None, cond, r, cfg.jvp, cfg.tangent, cfg.tangent_c,
+                        jvp_student=TrigFlowDenoiser(learn.unwrapped('student'), sigma_data))
+        learn.log(tangent_rms=out['tangent_rms'], warmup=r)
+        if out['logvar'] is not None: learn.log(logvar=out['logvar'])
+        return {'loss': out['loss']}
+    return loss
+
+def consistency_sample(net: nn.Module, # EDM-style consistency function f(x; σ, labels)
+                       seeds: list[int], sigmas: list[float], # one image per seed; the sampler's σ list
+                       label_dim: int = 0, device='cpu') -> torch.Tensor: # classes: seed s asks class s mod label_dim
+    "Images in [-1, 1] from `distill_generate`'s consistency sampler with per-seed noise (EDM's seed convention)."
+    from distill_nb.samplers import consistency_sampler
+    rnd = StackedRandomGenerator(device, seeds)
+    x = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    labels = one_hot_labels(torch.tensor(seeds) % label_dim, label_dim, device) if label_dim else None
+    return consistency_sampler(net, x, labels, sigmas, rnd.randn_like).float()
+
+def build_scm(cfg: SCMConfig, info) -> RunParts:
+    "Networks, the one TrainStep, data, sampler and final file of an sCM run (Lu & Song 2024)."
+    student, teacher, ds = make_student_network(cfg, info)
+    sd = float(getattr(student, 'sigma_data', cfg.sigma_data))
+    label_dim = int(getattr(student, 'label_dim', 0) or 0)
+    models = {'student': student}
+    if cfg.mode == 'scd': models['teacher'] = teacher
+    params = list(student.parameters())
+    if cfg.adaptive:
+        models['logvar'] = LogvarHead(cfg.logvar_channels or _noise_channels(student))
+        params += list(models['logvar'].parameters())
+    opt = make_run_optimizer(cfg, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, inverse_sqrt_decay(cfg.lr_decay)) if cfg.lr_decay else None
+    step = TrainStep('scm', _scm_loss_fn(cfg, sd, label_dim), opt, clip=cfg.clip, sched=sched)
+    sigmas = cfg.sample_sigmas()
+    sample = lambda learn, seeds: consistency_sample(learn.unwrapped('student'), seeds, sigmas, label_dim, learn.device)
+    C, R = int(student.img_channels), int(student.img_resolution)
+    return RunParts(models, [step], data=run_loader(cfg, info, ds), sample=sample,
+                    final={SCM_OUTPUT: ('student', {'kind': 'consistency', 'sigmas': sigmas, 'method': f'sCM ({cfg.mode})',
+                                                    'two_step_sigmas': [float(cfg.sample_sigma), float(cfg.mid_sigma)]})},
+                    ema='student', label_dim=label_dim,
+                    record={'img_shape': [C, R, R], 'label_dim': label_dim, 'sigma_data': sd, 'network': to_jsonable(getattr(student, 'init_kwargs', {})),
+                            'dataset_len': len(ds)},
+                    learner_kwargs={'ddp_kwargs': {'find_unused_parameters': True}})  # e.g. EDM's augment embedding is unused
+
+SCM_OUTPUT = 'network-final.safetensors'
+
+def train_scm(cfg: SCMConfig, # a resolved config (presets and flags applied)
+              cbs=()) -> Learner: # extra callbacks (notebooks, tests)
+    "Train an sCM student (sCD or sCT) and write `run_dir/network-final.safetensors` with its consistency sampler; returns the Learner."
+    return run_training(cfg, build_scm, cbs)
+
+@config_cli(SCMConfig, aliases=SCM_ALIASES, presets=SCM_PRESETS)
+def scm_train(cfg: SCMConfig):
+    "sCM: continuous-time consistency distillation (sCD) and training (sCT) in TrigFlow (Lu & Song 2024)."
+    train_scm(cfg)

@@ -108,8 +108,11 @@ def choice_settings(net: nn.Module, # loaded network (its header supplies defaul
 
 def count_nfe(kind: str, kw: dict) -> int:
     "Network evaluations per image of a `(kind, kwargs)` pair from `choice_settings`."
-    if kind == 'one_step': return 1
-    if kind == 'consistency': return len(kw['sigmas'])
+    if kind in ('one_step', 'one_step_fp32'): return 1
+    if kind in ('consistency', 'few_step'): return len(kw['sigmas'])
+    if kind == 'meanflow': return len(kw['times']) - 1
+    if kind in ('ddpm', 'ddim'): return int(str(kw.get('steps', 1000)).split(',')[0].lstrip('ddim') or 1000)  # respaced steps
+    if kind == 'lcm': return int(kw['num_steps']) * (2 if kw.get('guidance_scale', 1.) != 1. else 1)
     n = kw.get('num_steps', 18)
     return 2 * n - 1 if kw.get('solver', 'heun') == 'heun' else n
 

@@ -104,3 +104,129 @@ def test_two_processes_match_one(tmp_path, nets):
     one, two = pngs(tmp_path / 'one'), pngs(tmp_path / 'two')
     assert sorted(one) == sorted(two) == [f'{i:06d}.png' for i in range(7)]
     assert all(np.array_equal(one[k], two[k]) for k in one)
+
+
+# ---- every sampler kind the trainers write, through the one table (samplers.SAMPLERS), with the header alone ----
+
+def _png_tensor(p: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
+
+@pytest.fixture(scope='module')
+def kind_files(tmp_path_factory, nets):
+    "One tiny 8x8 network file per sampler kind, each header written as the trainer that produces the kind writes it."
+    from distill_nb.learner import save_module
+    from distill_nb.dkdm import MLPEps
+    from distill_nb.adm import ADMUNet, adm_kwargs_from_flags
+    from distill_nb.meanflow import AverageVelocity
+    import copy
+    d, (net, _, _) = tmp_path_factory.mktemp('kinds'), nets
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        eps = MLPEps((3, 8, 8), hidden=32, depth=1)  # a DKDM toy student (learned variances: 6 output channels)
+        adm = ADMUNet(**adm_kwargs_from_flags('tiny', image_size=8, num_channels=32, num_res_blocks=1, attention_resolutions='',
+                                              channel_mult='1', num_heads=1, class_cond=True, num_classes=4, learn_sigma=True))
+        with torch.no_grad():
+            for p in adm.parameters(): p.add_(torch.randn_like(p) * 0.02)  # ADM zero-initialises its output layer
+        mf = AverageVelocity(copy.deepcopy(net), delta_channels=16)  # a MeanFlow student (average velocity, not a denoiser)
+    diffusion = dict(diffusion_steps=40, noise_schedule='cosine', learn_sigma=True, timestep_respacing='4', clip_denoised=True)
+    return {
+        'edm': save_network(net, d / 'edm.safetensors', meta={'sampler': {'kind': 'edm', 'num_steps': 3}}),
+        'one_step': save_network(net, d / 'one.safetensors', meta={'sampler': {'kind': 'one_step', 'sigma': 80.}}),
+        'consistency': save_network(net, d / 'cm.safetensors', meta={'sampler': {'kind': 'consistency', 'sigmas': [80., 0.8]}}),
+        'few_step': save_network(net, d / 'few.safetensors', meta={'sampler': {'kind': 'few_step', 'sigmas': [80., 2.5]}}),
+        # DKDM writes the teacher's diffusion flags and no sampler entry: ancestral DDPM with the flags' respacing
+        'ddpm': save_module(eps, d / 'dkdm-student.safetensors', meta={'step': 1, 'diffusion': diffusion}),
+        'ddim': save_module(eps, d / 'ddim.safetensors', meta={'sampler': {'kind': 'ddim', 'steps': 5, 'eta': 0.5}, 'diffusion': diffusion}),
+        # DKDM's final file today (dkdm.ddpm_sampler_meta): a class-conditional ADM ε-network with its process in the sampler entry
+        'ddpm-adm': save_module(adm, d / 'adm.safetensors', meta={'sampler': {
+            'kind': 'ddpm', 'diffusion': {'diffusion_steps': 40, 'noise_schedule': 'cosine', 'learn_sigma': True, 'timestep_respacing': ''},
+            'steps': '3', 'ddim': False, 'clip_denoised': True}}),
+        'meanflow': save_network(mf, d / 'mf.safetensors', meta={'sampler': {
+            'kind': 'meanflow', 'times': [0.98, 0.], 'parametrisation': 'rectified_flow', 'two_step_times': [0.98, 0.5, 0.]}}),
+    }
+
+@pytest.mark.parametrize('kind', ['edm', 'one_step', 'consistency', 'few_step', 'ddpm', 'ddim', 'ddpm-adm', 'meanflow'])
+def test_every_kind_round_trip(tmp_path, kind_files, kind):
+    "Save -> distill_generate with the header alone -> PNGs of the right shape, one per seed, the same for a seed in any "
+    "batch of the same size and run, and equal to the Python side (`samplers.seed_images`, the same table)."
+    from distill_nb.generate import distill_generate
+    from distill_nb.checkpoints import load_network
+    from distill_nb.samplers import seed_images, sampler_meta
+    f = kind_files[kind]
+    net = load_network(str(f))
+    assert sampler_meta(net)['kind'] == kind.split('-')[0]
+    distill_generate(network=str(f), outdir=str(tmp_path / 'a'), seeds='0-3', batch=2, device='cpu')
+    distill_generate(network=str(f), outdir=str(tmp_path / 'b'), seeds='3,2,1,0', batch=2, device='cpu')
+    a, b = pngs(tmp_path / 'a'), pngs(tmp_path / 'b')
+    assert sorted(a) == sorted(b) == [f'{i:06d}.png' for i in range(4)]
+    assert all(v.shape == (8, 8, 3) and v.dtype == np.uint8 for v in a.values())
+    # seeds 0,1 are batch [0, 1] in run a and [1, 0] in run b: a seed's image does not depend on its batch mates or its place
+    assert all(np.array_equal(a[k], b[k]) for k in a), kind
+    ref = to_uint8(seed_images(net, [0, 1], device='cpu'))  # the batch [0, 1] of run a, through `samplers.sample`
+    for i in range(2): assert torch.equal(_png_tensor(tmp_path / 'a' / f'{i:06d}.png'), ref[i]), kind
+    assert len({v.tobytes() for v in a.values()}) == 4  # four seeds, four different images
+
+def test_dkdm_student_from_the_command_line(tmp_path, kind_files):
+    "`python -m distill_nb.generate` on a DKDM student file: ancestral steps from the header's flags, `--steps` respaces."
+    cli('--network', kind_files['ddpm'], '--outdir', tmp_path / 'o', '--seeds', '0-1', '--steps', 2, '--device', 'cpu')
+    from distill_nb.checkpoints import load_network
+    from distill_nb.samplers import seed_images
+    ref = to_uint8(seed_images(load_network(str(kind_files['ddpm'])), [0, 1], device='cpu', steps=2))
+    got = pngs(tmp_path / 'o')
+    assert all(np.array_equal(got[f'{i:06d}.png'], ref[i].permute(1, 2, 0).numpy()) for i in range(2))
+    from distill_nb.generate import generate
+    from distill_nb.core import UserError
+    with pytest.raises(UserError, match='--solver: does not apply'):  # a user error: one line, exit 2 from the command (core.cli)
+        generate(str(kind_files['ddpm']), tmp_path / 'x', seeds='0', solver='euler', device='cpu', verbose=False)
+    assert not (tmp_path / 'x').exists()
+
+def test_few_step_is_dmd2_backward_simulation(kind_files):
+    "The `few_step` kind re-noises to exactly σ_k (DMD2's rule), `consistency` to √(σ_k² − σ_min²); with σ_min = 0 they agree."
+    from distill_nb.checkpoints import load_network
+    from distill_nb.samplers import seed_images
+    net = load_network(str(kind_files['few_step']))
+    x = seed_images(net, [0, 1], device='cpu')
+    assert torch.equal(x, seed_images(net, [0, 1], device='cpu', meta={'kind': 'consistency', 'sigmas': [80., 2.5], 'sigma_min': 0.}))
+    assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
+
+def test_lcm_kind(tmp_path):
+    "An LCM student file: `samplers.sample` runs LCM's sampler (lazy entry) with the header's steps and guidance; "
+    "distill_generate refuses its 4-channel latents with one line pointing to lcm.generate."
+    from distill_nb.microdit import latent_teacher, latent_student_from_teacher, microdit_kwargs
+    from distill_nb.lcm import save_lcm, lcm_sample
+    from distill_nb.checkpoints import load_network
+    from distill_nb.samplers import seed_images, sampler_meta
+    from distill_nb.core import StackedRandomGenerator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        student = latent_student_from_teacher(latent_teacher(microdit_kwargs('micro'), caption_len=5)).eval()
+    f = save_lcm(student, tmp_path / 'lcm.safetensors', num_steps=2, guidance_scale=3.)
+    net = load_network(str(f))
+    assert sampler_meta(net)['kind'] == 'lcm'
+    got = seed_images(net, [0, 1], device='cpu')
+    rnd = StackedRandomGenerator('cpu', [0, 1])
+    z = rnd.randn([2, net.img_channels, net.img_resolution, net.img_resolution])
+    assert torch.equal(got, lcm_sample(net, z, None, 3., 2, randn_like=rnd.randn_like).float())
+    r = cli('--network', f, '--outdir', tmp_path / 'o', '--seeds', '0', '--device', 'cpu', check=False)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and 'lcm.generate' in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / 'o').exists() or not any((tmp_path / 'o').iterdir())
+
+def test_unknown_kind_is_a_user_error(tmp_path, nets):
+    net = nets[0]
+    f = save_network(net, tmp_path / 'flow.safetensors', meta={'sampler': {'kind': 'flow'}})
+    from distill_nb.generate import generate
+    from distill_nb.core import UserError
+    with pytest.raises(UserError, match="sampler kind 'flow' in the network's header is unknown; expected one of"):
+        generate(str(f), tmp_path / 'o', seeds='0', device='cpu', verbose=False)
+
+def test_samplers_module_imports_no_method_module():
+    "samplers.py imports only core and schedules; method-specific samplers are lazy 'distill_nb.module:function' entries that resolve."
+    import ast
+    import distill_nb.samplers as S
+    tree = ast.parse(Path(S.__file__).read_text())
+    own = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or '').startswith('distill_nb'))}
+    own |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name.startswith('distill_nb')}
+    assert own <= {'core', 'schedules', 'distill_nb.core', 'distill_nb.schedules'}, own
+    for k, mod in (('lcm', 'distill_nb.lcm'), ('one_step_fp32', 'distill_nb.gdd')): assert S.get_sampler(k).__module__ == mod
+    assert set(S.SAMPLERS) <= set(S.SAMPLER_SETTINGS)
