@@ -5,27 +5,35 @@
 # %% ../nbs/62_dkdm.ipynb #ef6a4add
 from __future__ import annotations
 import contextlib, json, math
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 import numpy as np
 import torch
 from torch import nn
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
-from .core import atomic_path, get_device, seed_everything, to_jsonable, unwrap_model, register, store_init_kwargs
-from .adm import ADMUNet, adm_kwargs_from_flags, load_adm
+from .core import atomic_path, get_device, to_jsonable, unwrap_model, register, store_init_kwargs
+from .adm import ADMUNet, adm_kwargs_from_flags, load_adm, ADM_DIFFUSION_KEYS
 from .ddpm import DDPM, diffusion_from_flags, mean_flat, normal_kl
-from .learner import Learner, TrainStep, Callback, init_distributed, list_checkpoints, ResumableLoader, save_module, write_guard
-from .callbacks import EMA, Checkpointer, MetricsLogger
-from .core import cli, UserError, check_positive, check_range, check_divisible, check_file
+from .learner import Learner, TrainStep, Callback, init_distributed, list_checkpoints, ResumableLoader, write_guard
+from .callbacks import EMA
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool
+from .run import RunParts, run_training, run_loader, final_module
+from .core import UserError, check_positive, check_range, check_divisible
 
 # %% auto #0
-__all__ = ['DKDM_ARCH_32', 'DKDM_STUDENTS', 'MODES', 'POOL_FORMAT', 'DKDM_LOSS_SCALE', 'PRECISIONS', 'STUDENT_FILES',
-           'DKDM_DIFFUSION', 'DKDM_PRESETS', 'student_flags', 'build_student', 'teacher_step', 'dkdm_loss', 'pool_size',
-           'TeacherPool', 'prepare_pool', 'save_pool', 'read_pool_meta', 'load_pool', 'PoolCheckpoint', 'dkdm_terms',
-           'dkdm_fit', 'ddpm_sample', 'MLPEps', 'synthetic_parts', 'assemble_synthetic', 'generate_synthetic',
-           'MixedDataset', 'ddpm_baseline_fit', 'get_preset', 'load_dkdm_teacher', 'dkdm_prepare', 'dkdm_train',
-           'dkdm_baseline']
+__all__ = ['DKDM_ARCH_32', 'DKDM_STUDENTS', 'MODES', 'POOL_FORMAT', 'DKDM_LOSS_SCALE', 'PRECISIONS', 'DKDM_DIFFUSION',
+           'DKDM_TEACHERS', 'DKDM_PREPARE_PRESETS', 'DKDM_PRESETS', 'DKDM_BASELINE_PRESETS', 'DKDM_PREPARE_ALIASES',
+           'DKDM_ALIASES', 'FINAL_FILE', 'DKDM_BASELINE_ALIASES', 'student_flags', 'build_student', 'teacher_step',
+           'dkdm_loss', 'pool_size', 'TeacherPool', 'prepare_pool', 'save_pool', 'read_pool_meta', 'load_pool',
+           'teacher_amp', 'PoolCheckpoint', 'dkdm_terms', 'dkdm_step', 'dkdm_fit', 'ddpm_sample', 'MLPEps',
+           'synthetic_parts', 'assemble_synthetic', 'generate_synthetic', 'MixedDataset', 'ddpm_step',
+           'ddpm_baseline_fit', 'get_preset', 'load_dkdm_teacher', 'ddpm_sampler_meta', 'sample_ddpm_network',
+           'DKDMTeacherConfig', 'DKDMPrepareConfig', 'DKDMStudentConfig', 'DKDMConfig', 'build_dkdm', 'train_dkdm',
+           'dkdm_prepare', 'dkdm_train', 'DKDMBaselineConfig', 'dkdm_synthetic', 'build_dkdm_baseline',
+           'train_dkdm_baseline', 'dkdm_baseline']
 
 # %% ../nbs/62_dkdm.ipynb #2ccd899e
 DKDM_ARCH_32 = dict(image_size=32, num_heads=4, num_heads_upsample=-1, num_head_channels=32, attention_resolutions='16,8',
@@ -295,21 +303,28 @@ def load_pool(path: str | Path, # pool folder (or one shard file)
 
 # %% ../nbs/62_dkdm.ipynb #5502bd75
 DKDM_LOSS_SCALE = dict(init_scale=2. ** 20, growth_factor=2., backoff_factor=0.5, growth_interval=1000)  # guided-diffusion's fp16 trainer
-PRECISIONS = ('fp16', 'bf16', 'fp32')
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
 def _check_amp(amp, flag='amp'):
-    "Normalise a student precision: None/'none'/'fp32' -> None; 'bf16'/'fp16'/'auto' (the Learner's) kept; anything else raises."
+    "Normalise a student precision for the Learner: None/'none'/'fp32' -> None; 'bf16'/'fp16'/'auto' kept; anything else raises."
     if amp in (None, 'none', 'fp32'): return None
     if amp not in ('bf16', 'fp16', 'auto'): raise UserError(f'--{flag} {amp!r}: expected one of {PRECISIONS} (or none)')
     return amp
 
-def _loss_scale(amp, loss_scale):
+def _loss_scale(amp, loss_scale=None):
     return {**DKDM_LOSS_SCALE, **(loss_scale or {})} if amp == 'fp16' else None
+
+def teacher_amp(precision: str, # --teacher_precision: auto, fp32, bf16 or fp16
+                device) -> str | None: # where the teacher runs
+    "The teacher's autocast for `--teacher_precision`: auto = fp16 on CUDA (the reference's fp16 teacher), fp32 elsewhere."
+    if precision not in PRECISIONS: raise UserError(f'--teacher_precision: expected one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if precision == 'auto': return 'fp16' if torch.device(device).type == 'cuda' else None
+    return None if precision == 'fp32' else precision
 
 # %% ../nbs/62_dkdm.ipynb #7ad321fc
 class PoolCheckpoint(Callback):
     "Save each rank's pool beside the Learner's checkpoints (`run_dir/pools/step-N/`) and restore it on resume (DKDM)."
-    order = 40  # before Checkpointer (50): the pool of step N is on disk before checkpoint N appears
+    order = 40  # before Checkpointer (70): the pool of step N is on disk before checkpoint N appears
     def __init__(self, pool: TeacherPool, every: int): self.pool, self.every = pool, every
     def _dir(self, learn, step): return Path(learn.run_dir)/'pools'/f'step-{step:08d}'
     def save(self, learn):
@@ -320,7 +335,7 @@ class PoolCheckpoint(Callback):
         with write_guard(f, 'the pool state', Path(learn.run_dir)/'checkpoints'), atomic_path(f) as tmp:
             save_file(st, str(tmp), metadata={'format': POOL_FORMAT + '.state', 'distill_nb': json.dumps({'step': learn.step, 'mode': self.pool.mode})})
         keep = {p.name for p in list_checkpoints(Path(learn.run_dir)/'checkpoints')} | {d.name}
-        if learn.is_main:
+        if learn.is_main:  # the pools of checkpoints rotated away by --max_keep go too
             for old in (Path(learn.run_dir)/'pools').glob('step-*'):
                 if old.name not in keep and int(old.name.split('-')[1]) < learn.step:
                     for q in old.iterdir(): q.unlink()
@@ -337,8 +352,6 @@ class PoolCheckpoint(Callback):
     def before_fit(self, learn): self.learn = learn
     def run_outputs(self, learn): return ['pools']  # cleared by --overwrite with the checkpoints
 
-STUDENT_FILES = ('student.safetensors', 'student_ema.safetensors')  # the final students written into the run folder
-
 def dkdm_terms(student: nn.Module, # student ε-network
                b: dict, # a `TeacherPool` batch: x_t, t, eps, mean, log_variance[, y]
                diffusion: DDPM, # the shared process
@@ -352,34 +365,29 @@ def dkdm_terms(student: nn.Module, # student ε-network
     out = student(x, diffusion.model_t(b['t']), **({'y': b['y']} if 'y' in b else {}))
     return dkdm_loss(out, x, b['t'], b['eps'], b['mean'], b['log_variance'], diffusion)
 
+def dkdm_step(student: nn.Module, # the student ε-network (model 'student')
+              diffusion: DDPM, # the shared process
+              lr: float = 1e-4, weight_decay: float = 0., # AdamW (reference: 1e-4, 0)
+              input_perturb: float = 0.) -> TrainStep: # γ (reference default 0)
+    "The DKDM update as a `TrainStep`: AdamW on the per-sample DKDM terms at the batch's teacher states (Xiang et al. 2025)."
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    return TrainStep('student', lambda learn, b: dkdm_terms(learn.models['student'], b, diffusion, input_perturb), opt)
+
 def dkdm_fit(teacher: nn.Module, diffusion: DDPM, # teacher and its (un-respaced) process
              student: nn.Module, # randomly initialised student ε-network (same process; learned variance optional)
-             pool: TeacherPool, # state source
-             n_steps: int, # total training iterations
+             pool, # state source (`TeacherPool`, or any iterable of its batches)
+             n_steps: int, # training iterations
              lr: float = 1e-4, weight_decay: float = 0., # AdamW (reference: 1e-4, 0)
              ema: float | None = 0.9999, # EMA decay per update (None: off)
-             amp: str | None = None, # student precision: None (fp32), 'bf16', or 'fp16' (with dynamic loss scaling)
+             amp: str | None = None, # student precision: None (fp32), 'bf16', or 'fp16' (with the reference's dynamic loss scaling)
              input_perturb: float = 0., # x_t += sqrt(1-ᾱ_t)·γ·ξ for the student (reference default 0)
-             run_dir: str | Path | None = None, # run folder (checkpoints, metrics); None: no files
-             save_every: int | None = None, # checkpoint interval (needs run_dir)
-             log_every: int = 100, resume: str | Path | None = None, # checkpoint folder or 'latest'
-             device='cpu', config: dict | None = None, cbs: list | None = None,
-             loss_scale: dict | None = None, # amp='fp16': GradScaler options (default DKDM_LOSS_SCALE, the reference's)
-             overwrite: bool = False) -> Learner: # replace a previous run in run_dir (else refused unless resuming)
-    "Train a student on teacher-pool states with the DKDM loss (Xiang et al. 2025) on the library's Learner."
-    amp = _check_amp(amp)
-    device = get_device(device)
-    teacher.to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
-    def loss_fn(learn, b): return dkdm_terms(learn.models['student'], b, diffusion, input_perturb)
-    cbs = list(cbs or [])
-    if ema: cbs.append(EMA('student', decay=ema))
-    if run_dir is not None:
-        cbs.append(MetricsLogger(every=log_every))
-        if save_every: cbs += [Checkpointer(every=save_every), PoolCheckpoint(pool, save_every)]
-    learn = Learner({'student': student}, [TrainStep('student', loss_fn, opt)], dl=pool, cbs=cbs, device=device, amp=amp,
-                    run_dir=run_dir, config=config, loss_scale=_loss_scale(amp, loss_scale), overwrite=overwrite, outputs=STUDENT_FILES)
-    learn.fit(n_steps, resume=resume)
+             device='cpu', cbs: list | None = None) -> Learner:
+    "DKDM training in memory, no run folder (notebooks, benchmarks); a run with files, resume and a final network is `train_dkdm`."
+    device = get_device(device); teacher.to(device).eval().requires_grad_(False)
+    cbs = list(cbs or []) + ([EMA('student', decay=ema)] if ema else [])
+    learn = Learner({'student': student}, [dkdm_step(student, diffusion, lr, weight_decay, input_perturb)], dl=pool, cbs=cbs,
+                    device=device, amp=_check_amp(amp), loss_scale=_loss_scale(amp))
+    learn.fit(n_steps)
     return learn
 
 # %% ../nbs/62_dkdm.ipynb #3a33f395
@@ -546,93 +554,233 @@ class MixedDataset(torch.utils.data.Dataset):
         return self.real[int(self.real_idx[k])] if self.is_real(i) else self.synthetic[int(self.syn_idx[i - k])]
 
 # %% ../nbs/62_dkdm.ipynb #da012ed4
-def ddpm_baseline_fit(student: nn.Module, diffusion: DDPM, # student and the shared process
-                      dataset, # map-style dataset of (image in [-1,1], label) (e.g. LMDBDataset, MixedDataset)
-                      n_steps: int, batch_size: int = 128, lr: float = 1e-4, weight_decay: float = 0., # per-rank batch, AdamW
-                      ema: float | None = 0.9999, hflip: bool = True, class_cond: bool = False,
-                      amp: str | None = None, # None (fp32), 'bf16' or 'fp16' (dynamic loss scaling, DKDM_LOSS_SCALE)
-                      run_dir=None, save_every: int | None = None, resume=None, seed: int = 0, device='cpu', cbs=None,
-                      log_every: int = 100, # metrics interval
-                      loss_scale: dict | None = None, # amp='fp16': GradScaler options
-                      config: dict | None = None, # run config stored in run_dir
-                      overwrite: bool = False) -> Learner: # replace a previous run in run_dir (else refused unless resuming)
-    "Standard DDPM training with the IDDPM hybrid loss and uniform t (the paper's synthetic-data baseline)."
-    amp = _check_amp(amp)
-    dl = ResumableLoader(dataset, batch_size, seed=seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+def ddpm_step(student: nn.Module, # the student ε-network (model 'student')
+              diffusion: DDPM, # its training process
+              lr: float = 1e-4, weight_decay: float = 0., # AdamW
+              hflip: bool = True, # random horizontal flips of the training images
+              class_cond: bool = False) -> TrainStep: # pass the batch labels to the student
+    "Standard DDPM training as a `TrainStep`: the IDDPM hybrid loss (ε MSE + vb) at uniform t (Nichol & Dhariwal 2021)."
     def loss_fn(learn, b):
         x0, y = b[0], b[1]
         if hflip: x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=x0.device) < 0.5, x0.flip(3), x0)
         t = torch.randint(diffusion.num_timesteps, (len(x0),), device=x0.device)
         terms = diffusion.training_losses(learn.models['student'], x0, t, model_kwargs={'y': y} if class_cond else None)
         return {k: v for k, v in terms.items() if k != 'loss'}
-    cbs = list(cbs or [])
-    if ema: cbs.append(EMA('student', decay=ema))
-    if run_dir is not None:
-        cbs.append(MetricsLogger(every=log_every))
-        if save_every: cbs.append(Checkpointer(every=save_every))
-    learn = Learner({'student': student}, [TrainStep('student', loss_fn, opt)], dl=dl, cbs=cbs, device=device, amp=amp, run_dir=run_dir,
-                    config=config, loss_scale=_loss_scale(amp, loss_scale), overwrite=overwrite, outputs=STUDENT_FILES)
-    learn.fit(n_steps, resume=resume)
+    return TrainStep('student', loss_fn, torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay))
+
+def ddpm_baseline_fit(student: nn.Module, diffusion: DDPM, # student and the shared process
+                      dataset, # map-style dataset of (image in [-1,1], label) (e.g. LMDBDataset, MixedDataset)
+                      n_steps: int, batch_size: int = 128, lr: float = 1e-4, weight_decay: float = 0., # batch, AdamW
+                      ema: float | None = 0.9999, hflip: bool = True, class_cond: bool = False,
+                      amp: str | None = None, # None (fp32), 'bf16' or 'fp16' (dynamic loss scaling, DKDM_LOSS_SCALE)
+                      seed: int = 0, device='cpu', cbs=None) -> Learner:
+    "The paper's synthetic-data baseline in memory (notebooks); a run with files, resume and a final network is `train_dkdm_baseline`."
+    cbs = list(cbs or []) + ([EMA('student', decay=ema)] if ema else [])
+    learn = Learner({'student': student}, [ddpm_step(student, diffusion, lr, weight_decay, hflip, class_cond)],
+                    dl=ResumableLoader(dataset, batch_size, seed=seed), cbs=cbs, device=device, amp=_check_amp(amp), loss_scale=_loss_scale(amp))
+    learn.fit(n_steps)
     return learn
 
 # %% ../nbs/62_dkdm.ipynb #00b1142b
 DKDM_DIFFUSION = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule='cosine', timestep_respacing='1000', clip_denoised=True)
-_COMMON = dict(rho=0.4, lr=1e-4, weight_decay=0., ema=0.9999, amp='fp16', loss_scale=DKDM_LOSS_SCALE, teacher_amp='fp16', mode='dynamic',
-               save_every=10000)
-DKDM_PRESETS = {
-    'cifar10': dict(_COMMON, teacher=dict(DKDM_STUDENTS['57M'], **DKDM_DIFFUSION), student='14M', batch_size=128, teacher_batch=3072,
-                    n_synthetic=50000, synthetic_steps='1000'),
-    'celeba64': dict(_COMMON, teacher=dict(DKDM_STUDENTS['295M-CelebA'], **DKDM_DIFFUSION), student='57M-CelebA', batch_size=256, teacher_batch=256,
-                     n_synthetic=202599, synthetic_steps='100'),
-    'imagenet32': dict(_COMMON, teacher=dict(DKDM_STUDENTS['57M'], **DKDM_DIFFUSION), student='14M', batch_size=512, teacher_batch=3072,
-                       n_synthetic=1281167, synthetic_steps='100'),
-}
+DKDM_TEACHERS = {  # the reference teachers' guided-diffusion flags: defaults for what a teacher's flags file lacks (--teacher_arch)
+    'cifar10': dict(DKDM_STUDENTS['57M'], **DKDM_DIFFUSION), 'celeba64': dict(DKDM_STUDENTS['295M-CelebA'], **DKDM_DIFFUSION),
+    'imagenet32': dict(DKDM_STUDENTS['57M'], **DKDM_DIFFUSION)}
+_COMMON = dict(lr=1e-4, weight_decay=0., ema_rate=0.9999, precision='fp16', ckpt_every=10000, log_every=10)
+_DATA = {  # per dataset: teacher, main student, global batch, teacher batch, synthetic set of the data-free baseline
+    'cifar10': dict(teacher_arch='cifar10', student='14M', batch=128, teacher_batch=3072, n_synthetic=50000, synthetic_steps='1000'),
+    'celeba64': dict(teacher_arch='celeba64', student='57M-CelebA', batch=256, teacher_batch=256, n_synthetic=202599, synthetic_steps='100'),
+    'imagenet32': dict(teacher_arch='imagenet32', student='14M', batch=512, teacher_batch=3072, n_synthetic=1281167, synthetic_steps='100')}
+_REF_NAMES = {'cifar10': ('CIFAR10', ['57M', '44M', '32M', '24M', '14M']), 'celeba64': ('CelebA64', ['57M-CelebA']),
+              'imagenet32': ('ImageNet32', ['14M'])}
+_TRAIN_KEYS = ('teacher_arch', 'student', 'batch', 'teacher_batch')
+
+def _ref_presets(kind: str) -> dict:
+    "Presets of `kind` ('prepare', 'train', 'baseline'): per dataset, and per experiment under the reference YAML names."
+    out = {}
+    for ds, d in _DATA.items():
+        if kind == 'prepare': out[ds] = dict(teacher_arch=d['teacher_arch'], batch=d['batch'], teacher_batch=d['teacher_batch'], rho=0.4); continue
+        base = {**_COMMON, **{k: d[k] for k in _TRAIN_KEYS}}
+        if kind == 'train': base.update(mode='dynamic', rho=0.4)
+        else: base.update(n_synthetic=d['n_synthetic'], synthetic_steps=d['synthetic_steps'])
+        out[ds] = base
+        prefix, students = _REF_NAMES[ds]
+        for s in students:
+            name = f'{prefix}-{s.split("-")[0]}'
+            if kind == 'train': out[f'{name}-Dynamic-0.4'] = {**base, 'student': s}
+            else:
+                out[f'{name}-Baseline'] = {**base, 'student': s}
+                for r in (0.05, 0.1, 0.15, 0.2, 1):  # data-limited (r < 1) and data-based (r = 1): needs --real_data
+                    if s in ('14M', '57M-CelebA'): out[f'{name}-Baseline-{r:g}'] = {**base, 'student': s, 'real_fraction': float(r)}
+    return out
+
+DKDM_PREPARE_PRESETS, DKDM_PRESETS, DKDM_BASELINE_PRESETS = _ref_presets('prepare'), _ref_presets('train'), _ref_presets('baseline')
 
 def get_preset(name: str) -> dict:
-    "A copy of a DKDM reference configuration."
-    if name not in DKDM_PRESETS: raise UserError(f'preset {name!r}: expected one of {list(DKDM_PRESETS)}')
-    return json.loads(json.dumps(DKDM_PRESETS[name]))
+    "A copy of a `dkdm_train` preset with the teacher's reference flags under 'teacher'."
+    if name not in DKDM_PRESETS: raise UserError(f'--preset {name!r}: expected one of {list(DKDM_PRESETS)}')
+    pr = json.loads(json.dumps(DKDM_PRESETS[name]))
+    return {**pr, 'teacher': dict(DKDM_TEACHERS[pr['teacher_arch']])}
 
-def _json_flags(s, name):
-    if s in (None, ''): return {}
-    if isinstance(s, dict): return s
-    try: d = json.loads(s)
-    except json.JSONDecodeError as e: raise UserError(f'--{name}: expected a JSON object of guided-diffusion flags ({e})') from None
-    if not isinstance(d, dict): raise UserError(f'--{name}: expected a JSON object, got {type(d).__name__}')
-    return d
+def _teacher_defaults(arch: str | None) -> dict:
+    if arch is None: return {}
+    if arch not in DKDM_TEACHERS: raise UserError(f'--teacher_arch {arch!r}: expected one of {list(DKDM_TEACHERS)}')
+    return dict(DKDM_TEACHERS[arch])
 
 def load_dkdm_teacher(path: str | Path, # teacher checkpoint (.pt plain state dict or .safetensors)
-                      preset: str | None = 'cifar10', # defaults for flags the config file lacks
+                      arch: str | None = 'cifar10', # reference teacher (DKDM_TEACHERS) whose flags fill what the flags file lacks
                       config: str | Path | None = None, # flags file (default: beside the checkpoint)
                       flags: dict | None = None, # explicit overrides
                       codebase: str = 'guided_diffusion', device='cpu'):
-    "Teacher network, its un-respaced `DDPM` and the merged flags (preset < config file < overrides)."
+    "Teacher network, its un-respaced `DDPM` and the merged flags (reference teacher < flags file < overrides < the weights)."
     from distill_nb.adm import find_config, read_config_file
     cfg = Path(config) if config else find_config(path)
-    merged = {**(get_preset(preset)['teacher'] if preset else {}), **(read_config_file(cfg) if cfg else {}), **(flags or {})}
+    merged = {**_teacher_defaults(arch), **(read_config_file(cfg) if cfg else {}), **(flags or {})}
     model = load_adm(path, config=cfg, codebase=codebase, device=device, **merged)
     merged = {**merged, **getattr(model, 'adm_flags', {})}  # what load_adm read from the weights (learn_sigma, classes, ...)
     diff = diffusion_from_flags(str(cfg or path), **{**merged, 'timestep_respacing': ''})
     return model, diff, merged
 
+def _teacher_diffusion_flags(teacher, arch, config) -> dict:
+    "Teacher flags without loading weights: reference teacher < flags file (given or beside the checkpoint)."
+    from distill_nb.adm import find_config, read_config_file
+    cfg = Path(config) if config else (find_config(teacher) if teacher else None)
+    return {**_teacher_defaults(arch), **(read_config_file(cfg) if cfg else {})}
+
 # %% ../nbs/62_dkdm.ipynb #e7686efa
-def _required(**kw):
-    for k, v in kw.items():
-        if v is None: raise UserError(f'--{k} is required')
+def ddpm_sampler_meta(flags: dict, # the teacher's guided-diffusion flags (its process)
+                      learn_sigma: bool = True, # the student's variance head
+                      steps: str = '50', # respacing used to sample (the paper evaluates with 50 ancestral steps)
+                      ddim: bool = False) -> dict: # DDIM instead of ancestral sampling
+    "Sampler metadata of a DDPM student (kind 'ddpm'): its process, respacing, ancestral or DDIM, x̂_0 clipping."
+    d = {k: flags[k] for k in ('diffusion_steps', 'noise_schedule', 'rescale_timesteps', 'predict_xstart') if k in flags}
+    return {'kind': 'ddpm', 'diffusion': {**d, 'learn_sigma': bool(learn_sigma), 'timestep_respacing': ''}, 'steps': str(steps),
+            'ddim': bool(ddim), 'clip_denoised': bool(flags.get('clip_denoised', True))}
 
-def _pos(flag: str, value, default, allow_zero: bool = False):
-    "`default` when the flag is not given, else the flag's value checked to be positive (or non-negative)."
-    return default if value is None else check_positive(flag, value, allow_zero)
+def sample_ddpm_network(net: nn.Module, # a network loaded with its metadata (`learner.load_module`, `checkpoints.load_network`)
+                        n: int, seed: int = 0, # images for seeds seed, ..., seed + n - 1
+                        steps: str | int | None = None, # respacing (default: the metadata's, 50)
+                        class_ids=None, device='cpu') -> torch.Tensor: # labels (None: random per seed, as EDM)
+    "Samples of a network saved with 'ddpm' sampler metadata (a DKDM student's `network-final.safetensors`), as `distill_generate` makes them."
+    from distill_nb.samplers import seed_images, sampler_meta
+    kind = sampler_meta(net).get('kind')
+    if kind != 'ddpm': raise UserError(f"sampler kind {kind!r}: expected 'ddpm' metadata (a DKDM student)")
+    return seed_images(net, list(range(seed, seed + n)), class_ids, device=device, **({} if steps is None else {'steps': steps}))
 
-def _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, world_size, pr) -> dict:
-    "Validated training flags shared by dkdm_train and dkdm_baseline (a `UserError` names the flag)."
-    B = _pos('--batch_size', batch_size, pr['batch_size'])
-    check_divisible('--batch_size', B, world_size, 'the world size')
-    check_positive('--steps', steps); check_positive('--log_every', log_every)
-    ema = pr['ema'] if ema is None else check_range('--ema', ema, 0, 1, 'an EMA decay')
-    return dict(B=B, lr=_pos('--lr', lr, pr['lr']), weight_decay=_pos('--weight_decay', weight_decay, pr['weight_decay'], allow_zero=True),
-                ema=ema, save_every=_pos('--save_every', save_every, pr['save_every']))
+
+# %% ../nbs/62_dkdm.ipynb #2e12f7c0
+@dataclass
+class DKDMTeacherConfig:
+    "How to find and run the teacher (shared by the three DKDM commands)."
+    teacher: str | None = None  # teacher checkpoint: guided-diffusion .pt state dict or .safetensors, flags file beside it
+    teacher_config: str | None = None  # teacher flags file (.json/.yaml) [default: <checkpoint stem>.json/.yaml beside it]
+    teacher_arch: Literal['cifar10', 'celeba64', 'imagenet32'] = 'cifar10'  # reference teacher whose flags fill what the flags file lacks
+    codebase: Literal['guided_diffusion', 'consistency_models'] = 'guided_diffusion'  # code base the teacher checkpoint comes from
+    teacher_precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'auto'  # teacher autocast: auto = fp16 on CUDA (the reference's), fp32 on CPU
+    teacher_batch: int = 3072  # teacher batch when preparing a pool or sampling the synthetic set
+
+    def check_teacher(self, required: bool = True):
+        if required and self.teacher is None: raise UserError('--teacher is required')
+        check_positive('--teacher_batch', self.teacher_batch)
+
+@dataclass
+class DKDMPrepareConfig(DKDMTeacherConfig):
+    "`dkdm_prepare`: one teacher pass that writes the initial dynamic pool (not a training run: no steps, EMA or checkpoints)."
+    out: str | None = None  # output folder for the pool shards
+    batch: int = 128  # global training batch B the pool is for (P = round(rho*T) * B states)
+    rho: float = 0.4  # pool size in units of T batches
+    shards: int = 1  # pool shards (the training world size; any world size dividing P also loads)
+    seed: int = 0  # random seed
+    device: str | None = None  # cpu, cuda, cuda:1 [default: cuda if available]
+    progress: bool = False  # print progress
+    overwrite: bool = False  # replace the pool shards already in --out
+
+    def check(self, world_size: int = 1):
+        self.check_teacher()
+        if self.out is None: raise UserError('--out is required')
+        for k in ('batch', 'rho', 'shards'): check_positive(f'--{k}', getattr(self, k))
+        return self
+
+@dataclass
+class DKDMStudentConfig(DKDMTeacherConfig, RunConfig):
+    "Settings shared by `dkdm_train` and `dkdm_baseline`: the teacher, the student architecture, AdamW and the EMA."
+    student: Literal['57M', '44M', '32M', '24M', '14M', '57M-CelebA', '295M-CelebA'] = '14M'  # student architecture (the paper's ADM students)
+    student_channels: int | None = None  # student base channels (num_channels) [default: the architecture's]
+    student_res_blocks: int | None = None  # student residual blocks per resolution [default: the architecture's]
+    student_channel_mult: str | None = None  # student channel multipliers, e.g. 1,2,2,2 [default: the architecture's]
+    student_attention: str | None = None  # student attention resolutions, e.g. 16,8 [default: the architecture's]
+    student_head_channels: int | None = None  # student channels per attention head [default: the architecture's]
+    student_dropout: float | None = None  # student dropout [default: the architecture's]
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.  # AdamW weight decay
+    ema_rate: float | None = None  # EMA decay per step, the reference's [default: 0.9999 unless --ema gives a half-life; 0: no EMA]
+
+    def check(self, world_size: int = 1):
+        super().check(world_size)
+        check_positive('--lr', self.lr); check_positive('--weight_decay', self.weight_decay, allow_zero=True)
+        if self.ema_rate is not None: check_range('--ema_rate', self.ema_rate, 0, 1, 'an EMA decay per step')
+        if self.ema > 0 and self.ema_rate: raise UserError(f'--ema {self.ema} (a half-life) and --ema_rate {self.ema_rate} (a decay per step): give one')
+        for k in ('student_channels', 'student_res_blocks', 'student_head_channels'):
+            if getattr(self, k) is not None: check_positive(f'--{k}', getattr(self, k))
+        if self.student_dropout is not None: check_range('--student_dropout', self.student_dropout, 0, 1, 'a probability')
+        return self
+
+    def student_flags(self, image_size: int, in_channels: int = 3, num_classes: int | None = None) -> dict:
+        "guided-diffusion flags of the student: its architecture, the flags given, the teacher's (or data's) image size and classes."
+        over = dict(num_channels=self.student_channels, num_res_blocks=self.student_res_blocks, channel_mult=self.student_channel_mult,
+                    attention_resolutions=self.student_attention, num_head_channels=self.student_head_channels, dropout=self.student_dropout)
+        cls = dict(class_cond=True, num_classes=num_classes) if num_classes else dict(class_cond=False)
+        return student_flags(self.student, **{k: v for k, v in over.items() if v is not None}, image_size=image_size, in_channels=in_channels, **cls)
+
+    def ema_callbacks(self) -> list:
+        "The reference's per-step EMA (`--ema_rate`, default 0.9999) unless `--ema` asks for the standard half-life EMA."
+        rate = 0.9999 if self.ema_rate is None else self.ema_rate
+        return [EMA('student', decay=rate)] if self.ema == 0 and rate > 0 else []
+
+@dataclass
+class DKDMConfig(DKDMStudentConfig):
+    "`dkdm_train`: data-free distillation of an ADM/DDPM teacher into a new student (Xiang et al. 2025)."
+    mode: Literal['iterative', 'shuffled', 'dynamic'] = 'dynamic'  # where the states come from: iterative, shuffled iterative or dynamic iterative distillation
+    pool: str | None = None  # pool folder from dkdm_prepare (dynamic, shuffled) [default: prepared in memory]
+    rho: float = 0.4  # pool size in units of T batches when prepared in memory (P = round(rho*T) * batch)
+    input_perturb: float = 0.  # input perturbation γ: the student sees x_t + sqrt(1-ᾱ_t)·γ·ξ
+
+    def check(self, world_size: int = 1):
+        super().check(world_size); self.check_teacher()
+        check_positive('--rho', self.rho); check_positive('--input_perturb', self.input_perturb, allow_zero=True)
+        return self
+
+_MODE_NAMES = {'iterative_distillation': 'iterative', 'shffled_iterative_distillation': 'shuffled',
+               'shuffled_iterative_distillation': 'shuffled', 'dynamic_iterative_distillation': 'dynamic'}
+
+def _iter_choice(v, ws):
+    if v not in _MODE_NAMES: raise UserError(f'--iter_choice {v!r}: expected one of {", ".join(_MODE_NAMES)}')
+    return _MODE_NAMES[v]
+
+_none_fp32 = lambda v, ws: 'fp32' if v == 'none' else v
+_TEACHER_ALIASES = (
+    Alias('model_path', 'teacher', note="the reference's teacher.model_path"),
+    Alias('teacher_amp', 'teacher_precision', _none_fp32, str, 'former spelling; none = fp32'),
+    Alias('batch_size', 'batch', note="global, as in the reference: its YAML batch_size is split over the processes"))
+DKDM_PREPARE_ALIASES = _TEACHER_ALIASES + (
+    Alias('tempfile', 'out', note="the reference's pool cache; here a folder of safetensors shards"),
+    Alias('BATCH', 'rho', note="the reference's YAML key for rho"), Alias('chunk', 'teacher_batch', note='former spelling'),
+    Alias('amp', 'teacher_precision', _none_fp32, str, 'former spelling; none = fp32'))
+_RUN_ALIASES = COMMON_ALIASES + _TEACHER_ALIASES + (
+    Alias('exp_dir', 'run_dir', note="the reference's experiment folder"),
+    Alias('resume_checkpoint', 'resume', note="the reference's; here a checkpoint folder, 'latest' or 'auto'"),
+    Alias('save_interval', 'ckpt_every', note="the reference's"), Alias('save_every', 'ckpt_every', note='former spelling'),
+    Alias('log_interval', 'log_every', note="the reference's"),
+    Alias('amp', 'precision', _none_fp32, str, 'former spelling; none = fp32'))
+DKDM_ALIASES = _RUN_ALIASES + (
+    Alias('BATCH', 'rho', note="the reference's YAML key for rho"),
+    Alias('iter_choice', 'mode', _iter_choice, str, "the reference's names: iterative_distillation, shffled_iterative_distillation, dynamic_iterative_distillation"),
+    Alias('tempfile', 'pool', note="the reference's pool cache; here a folder from dkdm_prepare"))
+
+# %% ../nbs/62_dkdm.ipynb #f3e86eb9
+def _stream_seed() -> int:
+    "A seed for one of the method's own generators, drawn from the process's RNG (seeded `seed + rank` by `run_training`)."
+    return int(torch.randint(2 ** 62, (1,)).item())
 
 def _check_teacher_fits(what: str, shape, label_dim, net) -> None:
     "A `UserError` naming both values when images of `shape` (C, H, W) or `label_dim` classes do not fit the teacher network."
@@ -643,205 +791,149 @@ def _check_teacher_fits(what: str, shape, label_dim, net) -> None:
     if label_dim is not None and (net.num_classes or 0) != label_dim:
         raise UserError(f'{what} has label_dim={label_dim} but the teacher has label_dim={net.num_classes or 0}')
 
-def _dev_default(value, preset_value, device):
-    if value not in (None, 'auto'): return None if value in ('none', 'fp32') else value
-    return preset_value if torch.device(device).type == 'cuda' else None
+def _ddpm_grid_sampler(diffusion: DDPM, shape: tuple, label_dim: int, steps: str = '50'):
+    "`sample(learn, seeds)` for grids and FID: the student (its EMA when kept) with respaced ancestral sampling."
+    def sample(learn, seeds):
+        y = torch.as_tensor(seeds) % label_dim if label_dim else None
+        return ddpm_sample(final_module(learn, 'student'), diffusion, len(seeds), shape, steps, y=y, seed=int(seeds[0]), device=learn.device)
+    return sample
 
-def _teacher_amp(value, preset_value, device, flag='--teacher_amp'):
-    "The teacher's autocast dtype name (None, 'fp16', 'bf16') from a flag, checked before anything runs."
-    v = _dev_default(value, preset_value, device)
-    if v not in (None, 'fp16', 'bf16'): raise UserError(f"{flag} {value!r}: expected fp16, bf16 or none")
-    return v
+FINAL_FILE = 'network-final.safetensors'  # the student written into the run folder (its EMA when kept), with 'ddpm' sampler metadata
 
-@cli
-def dkdm_prepare(teacher: str = None, # teacher checkpoint (.pt plain state dict or .safetensors)
-                 out: str = None, # output folder for the pool shards
-                 preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32
-                 config: str = None, # teacher flags file (default: <checkpoint stem>.json/.yaml beside it)
-                 teacher_flags: str = None, # JSON object of guided-diffusion flags overriding the file
-                 codebase: str = 'guided_diffusion', # or consistency_models
-                 rho: float = None, # pool size in T-batches (default: preset's, 0.4)
-                 batch_size: int = None, # global training batch B (default: preset's)
-                 shards: int = 1, # number of rank shards (the training world size; any divisor of P also loads)
-                 chunk: int = None, # teacher batch (default: preset's teacher_batch)
-                 amp: str = None, # teacher autocast: fp16, bf16 or none (default: fp16 on CUDA)
-                 seed: int = 0, # random seed
-                 device: str = None, # cuda, cpu (default: CUDA if available)
-                 progress: bool = False, # print progress
-                 overwrite: bool = False): # replace the pool shards already in --out
-    "Prepare the initial dynamic-iterative-distillation pool from the teacher (DKDM `dynamic_prepare`)."
-    _required(teacher=teacher, out=out); pr = get_preset(preset)
-    rho, B = _pos('--rho', rho, pr['rho']), _pos('--batch_size', batch_size, pr['batch_size'])
-    chunk = _pos('--chunk', chunk, pr['teacher_batch']); check_positive('--shards', shards)
-    device = get_device(device); t_amp = _teacher_amp(amp, pr['teacher_amp'], device, '--amp')
-    net, diff, flags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
-    n = pool_size(rho, diff.num_timesteps, B)
-    if n % shards: raise UserError(f'--shards: a pool of {n} states (round(rho*T)*batch_size) cannot be split into {shards} equal shards')
-    old = sorted(Path(out).glob('pool-*-of-*.safetensors')) if Path(out).is_dir() else []
-    if old and not overwrite: raise UserError(f'{out}: holds a pool already ({old[0].name}, ...); use --overwrite to replace it')
+def _dkdm_states(cfg: DKDMConfig, info, net, diff, shape, t_amp, clip) -> dict | None:
+    "This rank's initial pool: read from `--pool`, prepared in memory, or none (iterative mode)."
+    if cfg.mode == 'iterative': return None
+    if cfg.pool is not None:
+        states = load_pool(cfg.pool, info.rank, info.world_size)
+        _check_teacher_fits(f'--pool {cfg.pool}', states['x'].shape[1:], None, net)
+        T_pool = states['meta'].get('T', diff.num_timesteps)
+        if T_pool != diff.num_timesteps: raise UserError(f'--pool {cfg.pool}: prepared for T={T_pool} steps but the teacher has T={diff.num_timesteps}')
+        return states
+    n = pool_size(cfg.rho, diff.num_timesteps, cfg.local_batch(info.world_size))
+    if info.is_main: print(f'dkdm_train: no --pool given, preparing {n} states per process in memory')
+    return prepare_pool(net, diff, n, shape, cfg.teacher_batch, net.num_classes, clip, t_amp, _stream_seed(), info.device)
+
+def build_dkdm(cfg: DKDMConfig, info) -> RunParts:
+    "Teacher, pool and a new student for `run_training` (DKDM, Xiang et al. 2025)."
+    net, diff, tflags = load_dkdm_teacher(cfg.teacher, cfg.teacher_arch, cfg.teacher_config, None, cfg.codebase, info.device)
+    net.eval().requires_grad_(False)
+    shape, t_amp, clip = (net.in_channels, net.image_size, net.image_size), teacher_amp(cfg.teacher_precision, info.device), bool(tflags.get('clip_denoised', True))
+    sflags = cfg.student_flags(net.image_size, net.in_channels, net.num_classes)
+    student = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
+    src = TeacherPool(net, diff, cfg.local_batch(info.world_size), cfg.mode, pool=_dkdm_states(cfg, info, net, diff, shape, t_amp, clip), shape=shape,
+                      num_classes=net.num_classes, clip_denoised=clip, amp=t_amp, seed=_stream_seed(), device=info.device)
+    return RunParts(models={'student': student}, steps=[dkdm_step(student, diff, cfg.lr, cfg.weight_decay, cfg.input_perturb)], data=src,
+                    sample=_ddpm_grid_sampler(diff, shape, net.num_classes or 0), ema='student', label_dim=net.num_classes or 0,
+                    final={FINAL_FILE: ('student', ddpm_sampler_meta(tflags, sflags['learn_sigma']))},
+                    callbacks=[PoolCheckpoint(src, cfg.ckpt_every or 10 ** 12), *cfg.ema_callbacks()],
+                    record={'teacher_flags': tflags, 'student_flags': sflags, 'img_shape': list(shape), 'pool_states_per_process': len(src)},
+                    learner_kwargs={'loss_scale': _loss_scale(cfg.precision)})
+
+def train_dkdm(cfg: DKDMConfig, # a resolved config (`parse_config(DKDMConfig, ...)` or `DKDMConfig(...)`)
+               cbs=()) -> Learner: # extra callbacks
+    "Data-free distillation of an ADM/DDPM teacher into a new student (DKDM, Xiang et al. 2025); returns the Learner."
+    return run_training(cfg, build_dkdm, cbs)
+
+@config_cli(DKDMPrepareConfig, DKDM_PREPARE_ALIASES, DKDM_PREPARE_PRESETS)
+def dkdm_prepare(cfg: DKDMPrepareConfig):
+    "Prepare the initial dynamic-iterative-distillation pool from the teacher (DKDM `dynamic_prepare`, Xiang et al. 2025)."
+    device = get_device(cfg.device)
+    net, diff, flags = load_dkdm_teacher(cfg.teacher, cfg.teacher_arch, cfg.teacher_config, None, cfg.codebase, device)
+    n, out = pool_size(cfg.rho, diff.num_timesteps, cfg.batch), Path(cfg.out)
+    if n % cfg.shards: raise UserError(f'--shards: a pool of {n} states (round(rho*T)*batch) cannot be split into {cfg.shards} equal shards')
+    old = sorted(out.glob('pool-*-of-*.safetensors')) if out.is_dir() else []
+    if old and not cfg.overwrite: raise UserError(f'{out}: holds a pool already ({old[0].name}, ...); use --overwrite to replace it')
     shape = (net.in_channels, net.image_size, net.image_size)
-    pool = prepare_pool(net, diff, n, shape, chunk, net.num_classes, bool(flags.get('clip_denoised', True)),
-                        t_amp, seed, device, progress)
+    pool = prepare_pool(net.eval().requires_grad_(False), diff, n, shape, cfg.teacher_batch, net.num_classes, bool(flags.get('clip_denoised', True)),
+                        teacher_amp(cfg.teacher_precision, device), cfg.seed, device, cfg.progress)
     for f in old: f.unlink()  # --overwrite: a different shard count must not mix with the old shards
-    save_pool(pool, out, shards, meta={'T': diff.num_timesteps, 'rho': rho, 'batch_size': B, 'teacher': str(teacher),
-                                       'teacher_flags': flags, 'seed': seed, 'shape': shape})
-    print(f'dkdm_prepare: wrote {n} states in {shards} shard(s) to {out}')
+    save_pool(pool, out, cfg.shards, meta={'T': diff.num_timesteps, 'rho': cfg.rho, 'batch_size': cfg.batch, 'teacher': str(cfg.teacher),
+                                           'teacher_flags': flags, 'seed': cfg.seed, 'shape': shape})
+    print(f'dkdm_prepare: wrote {n} states in {cfg.shards} shard(s) to {out}')
 
-@cli
-def dkdm_train(teacher: str = None, # teacher checkpoint (.pt plain state dict or .safetensors)
-               out: str = None, # run folder (config, metrics, checkpoints, final student)
-               preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32
-               config: str = None, # teacher flags file (default: beside the checkpoint)
-               teacher_flags: str = None, # JSON object of teacher flag overrides
-               codebase: str = 'guided_diffusion', # teacher code base (or consistency_models)
-               student: str = None, # student preset: 57M, 44M, 32M, 24M, 14M, 57M-CelebA (default: preset's)
-               student_flags: str = None, # JSON object of guided-diffusion flags overriding the student preset
-               mode: str = None, # iterative, shuffled or dynamic (default: dynamic)
-               pool: str = None, # pool folder from dkdm_prepare (dynamic/shuffled); omitted: prepared in memory
-               rho: float = None, # pool size in T-batches when preparing in memory (default: preset's)
-               batch_size: int = None, # global batch (default: preset's)
-               steps: int = 1000, # training iterations in total
-               lr: float = None, # AdamW learning rate (default: preset's, 1e-4)
-               weight_decay: float = None, # AdamW weight decay (default: 0)
-               ema: float = None, # EMA decay (default: 0.9999; 0 disables)
-               amp: str = None, # student precision: fp16 (loss scaling, the reference's), bf16 or fp32 (default: preset's fp16 on CUDA, fp32 on CPU)
-               teacher_amp: str = None, # teacher autocast: fp16, bf16 or none (default: fp16 on CUDA)
-               input_perturb: float = 0., # input perturbation γ (reference default 0)
-               save_every: int = None, # checkpoint interval (default: preset's, 10000)
-               log_every: int = 100, # metrics interval
-               resume: str = None, # 'latest' or a checkpoint folder
-               overwrite: bool = False, # replace a previous run in --out (its checkpoints, pools, metrics, students)
-               seed: int = 0, # random seed
-               device: str = None): # cuda, cpu (default: CUDA if available)
+@config_cli(DKDMConfig, DKDM_ALIASES, DKDM_PRESETS)
+def dkdm_train(cfg: DKDMConfig):
     "Data-free distillation of an ADM/DDPM teacher into a new student (DKDM, Xiang et al. 2025)."
-    _required(teacher=teacher, out=out); pr = get_preset(preset)
-    info = init_distributed(device); device, rank, W = info.device, info.rank, info.world_size
-    s_amp, t_amp = _check_amp(_dev_default(amp, pr['amp'], device)), _teacher_amp(teacher_amp, pr['teacher_amp'], device)
-    mode = mode or pr['mode']
-    if mode not in MODES: raise UserError(f'--mode {mode!r}: expected one of {MODES}')
-    f = _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, W, pr)
-    B, ema = f['B'], f['ema']
-    check_positive('--input_perturb', input_perturb, allow_zero=True)
-    if rho is not None: check_positive('--rho', rho)
-    Br = B // W
-    net, diff, tflags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
-    seed_everything(seed)
-    sflags = _student_flags(student or pr['student'], **_json_flags(student_flags, 'student_flags'))
-    s_net = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
-    if (s_net.image_size, s_net.in_channels) != (net.image_size, net.in_channels):
-        raise UserError(f'--student_flags: student image {s_net.image_size}px/{s_net.in_channels}ch differs from the teacher ({net.image_size}px/{net.in_channels}ch)')
-    shape = (net.in_channels, net.image_size, net.image_size)
-    clip = bool(tflags.get('clip_denoised', True))
-    states = None
-    if mode != 'iterative':
-        if pool is not None:
-            states = load_pool(pool, rank, W)
-            _check_teacher_fits(f'--pool {pool}', states['x'].shape[1:], None, net)
-            T_pool = states['meta'].get('T', diff.num_timesteps)
-            if T_pool != diff.num_timesteps: raise UserError(f'--pool {pool}: prepared for T={T_pool} steps but the teacher has T={diff.num_timesteps}')
-        else:
-            n = pool_size(rho if rho is not None else pr['rho'], diff.num_timesteps, Br)
-            if rank == 0: print(f'dkdm_train: no --pool given, preparing {n} states per rank in memory')
-            states = prepare_pool(net, diff, n, shape, pr['teacher_batch'], net.num_classes, clip, t_amp, seed + 7919 * rank, device)
-    src = TeacherPool(net, diff, Br, mode, pool=states, shape=shape, num_classes=net.num_classes, clip_denoised=clip,
-                      amp=t_amp, seed=seed + 1000 * rank + 1, device=device)
-    cfg = {'method': 'dkdm', 'preset': preset, 'teacher': str(teacher), 'teacher_flags': tflags, 'student_flags': sflags,
-           'mode': mode, 'pool': pool, 'batch_size': B, 'lr': f['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp,
-           'loss_scale': pr['loss_scale'] if s_amp == 'fp16' else None}
-    learn = dkdm_fit(net, diff, s_net, src, steps, lr=f['lr'], weight_decay=f['weight_decay'], ema=ema or None,
-                     amp=s_amp, input_perturb=input_perturb, run_dir=out, loss_scale=pr['loss_scale'],
-                     save_every=f['save_every'], log_every=log_every, resume=resume, device=device, config=cfg, overwrite=overwrite)
-    _save_students(learn, out, tflags, 'dkdm_train')
+    learn = train_dkdm(cfg)
+    if learn.is_main: print(f'dkdm_train: {learn.step} steps done; student written to {Path(cfg.run_dir)/FINAL_FILE}')
 
 # %% ../nbs/62_dkdm.ipynb #2dcfae4e
-def _teacher_diffusion_flags(teacher, preset, config, flags) -> dict:
-    "Teacher flags without loading weights: preset < config file (given or beside the checkpoint) < overrides."
-    from distill_nb.adm import find_config, read_config_file
-    cfg = Path(config) if config else (find_config(teacher) if teacher else None)
-    return {**get_preset(preset)['teacher'], **(read_config_file(cfg) if cfg else {}), **(flags or {})}
+@dataclass
+class DKDMBaselineConfig(DKDMStudentConfig):
+    "`dkdm_baseline`: the paper's baselines, standard DDPM training of the same students on teacher samples and/or real images."
+    synthetic: str | None = None  # synthetic LMDB [default: <run_dir>/synthetic]; sampled from the teacher when missing
+    n_synthetic: int = 50000  # teacher images in the synthetic set
+    synthetic_steps: str = '1000'  # teacher sampling steps (respacing) for the synthetic set
+    generate_only: bool = False  # stop after writing the synthetic set
+    real_data: str | None = None  # real images (LMDB folder, EDM folder or zip) for the data-limited and data-based baselines
+    real_fraction: float | None = None  # fraction r of real images; the total is the real set's size, as in the reference [default: 1 with --real_data, else 0]
+    hflip: bool = True  # random horizontal flips of the training images
 
-def _save_students(learn, out, tflags, name):
-    if not learn.is_main: return
-    from distill_nb.learner import write_guard
-    for f, m in [(STUDENT_FILES[0], learn.unwrapped('student'))] + [(STUDENT_FILES[1], c.module()) for c in learn.cbs if isinstance(c, EMA)][:1]:
-        with write_guard(Path(out)/f, 'the final student', Path(out)/'checkpoints'):
-            save_module(m, Path(out)/f, meta={'step': learn.step, 'diffusion': tflags})
-    print(f'{name}: {learn.step} steps done; student written to {out}')
+    def fraction(self) -> float: return float(self.real_fraction if self.real_fraction is not None else 1. if self.real_data else 0.)
 
-@cli
-def dkdm_baseline(teacher: str = None, # teacher checkpoint (needed only to generate the synthetic set)
-                  out: str = None, # run folder (config, metrics, checkpoints, final student; default home of the synthetic set)
-                  preset: str = 'cifar10', # reference config: cifar10, celeba64, imagenet32
-                  config: str = None, # teacher flags file (default: beside the checkpoint)
-                  teacher_flags: str = None, # JSON object of teacher flag overrides
-                  codebase: str = 'guided_diffusion', # teacher code base (or consistency_models)
-                  student: str = None, # student preset: 57M, 44M, 32M, 24M, 14M, 57M-CelebA (default: preset's)
-                  student_flags: str = None, # JSON object of guided-diffusion flags overriding the student preset
-                  synthetic: str = None, # synthetic LMDB (default: <out>/synthetic); generated from the teacher when missing
-                  n_synthetic: int = None, # images to generate (default: preset's, e.g. 50000 for cifar10)
-                  synthetic_steps: str = None, # teacher sampling steps (default: preset's, 1000 for cifar10, else 100)
-                  gen_batch: int = None, # teacher batch per rank when generating (default: preset's teacher_batch)
-                  generate_only: bool = False, # stop after writing the synthetic set
-                  real_data: str = None, # real images (LMDB folder or EDM folder/zip) for the data-limited baseline
-                  real_fraction: float = 0., # fraction r of real images (total = size of the real set, as in the reference)
-                  batch_size: int = None, # global batch (default: preset's)
-                  steps: int = 1000, # training iterations in total
-                  lr: float = None, # AdamW learning rate (default: preset's, 1e-4)
-                  weight_decay: float = None, # AdamW weight decay (default: 0)
-                  ema: float = None, # EMA decay (default: 0.9999; 0 disables)
-                  amp: str = None, # student precision: fp16 (loss scaling), bf16 or fp32 (default: fp16 on CUDA, fp32 on CPU)
-                  teacher_amp: str = None, # teacher autocast when generating: fp16, bf16 or none (default: fp16 on CUDA)
-                  no_hflip: bool = False, # disable random horizontal flips
-                  save_every: int = None, # checkpoint interval (default: preset's, 10000)
-                  log_every: int = 100, # metrics interval
-                  resume: str = None, # 'latest', 'auto' or a checkpoint folder
-                  overwrite: bool = False, # replace a previous run in --out (checkpoints, metrics, students; not the synthetic set)
-                  seed: int = 0, # random seed (generation and training)
-                  device: str = None, # cuda, cpu (default: CUDA if available)
-                  progress: bool = False): # print generation progress
-    "DKDM baselines: teacher samples as data (data-free) or mixed with real images (data-limited), standard DDPM training (Xiang et al. 2025)."
-    _required(out=out); pr = get_preset(preset)
-    info = init_distributed(device); device, rank, W = info.device, info.rank, info.world_size
-    s_amp, t_amp = _check_amp(_dev_default(amp, pr['amp'], device)), _teacher_amp(teacher_amp, pr['teacher_amp'], device)
-    check_range('--real_fraction', real_fraction, 0, 1, 'a fraction')
-    if real_fraction and real_data is None: raise UserError(f'--real_fraction {real_fraction} needs --real_data')
-    if real_data is not None and not 0 < real_fraction <= 1: raise UserError(f'--real_fraction {real_fraction}: expected 0 < r <= 1 with --real_data')
-    if real_data is not None and not Path(real_data).exists(): raise FileNotFoundError(f'--real_data {real_data}: no such LMDB folder, image folder or zip')
-    f = _check_common(batch_size, steps, lr, weight_decay, ema, save_every, log_every, W, pr)
-    B, ema = f['B'], f['ema']
-    n_syn, gen_b = _pos('--n_synthetic', n_synthetic, pr['n_synthetic']), _pos('--gen_batch', gen_batch, pr['teacher_batch'])
-    tflags = _teacher_diffusion_flags(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'))
-    syn = Path(synthetic) if synthetic else Path(out)/'synthetic'
-    need_syn = real_fraction < 1
-    if need_syn and not (syn/'data.mdb').exists():
-        _required(teacher=teacher)
-        net, diff, tflags = load_dkdm_teacher(teacher, preset, config, _json_flags(teacher_flags, 'teacher_flags'), codebase, device)
-        n, st = n_syn, synthetic_steps or pr['synthetic_steps']
-        if rank == 0: print(f'dkdm_baseline: sampling {n} teacher images ({st} steps) into {syn} on {W} rank(s)', flush=True)
-        generate_synthetic(net, diff, n, syn, (net.in_channels, net.image_size, net.image_size), st, gen_b,
-                           net.num_classes, bool(tflags.get('clip_denoised', True)), t_amp, seed, device, rank=rank, world_size=W,
-                           progress=progress)
-        del net
-        if device.type == 'cuda': torch.cuda.empty_cache()
-    if generate_only: return
+    def check(self, world_size: int = 1):
+        super().check(world_size)
+        r = check_range('--real_fraction', self.fraction(), 0, 1, 'a fraction')
+        if r and self.real_data is None: raise UserError(f'--real_fraction {r} needs --real_data')
+        if self.real_data is not None and r == 0: raise UserError(f'--real_fraction {r}: expected 0 < r <= 1 with --real_data')
+        if self.real_data is not None and not Path(self.real_data).exists():
+            raise FileNotFoundError(f'--real_data {self.real_data}: no such LMDB folder, image folder or zip')
+        check_positive('--n_synthetic', self.n_synthetic)
+        return self
+
+    def synthetic_path(self) -> Path | None:
+        "Where the synthetic set is (None for the data-based baseline, r = 1)."
+        return None if self.fraction() >= 1 else Path(self.synthetic) if self.synthetic else Path(self.run_dir)/'synthetic'
+
+DKDM_BASELINE_ALIASES = _RUN_ALIASES + (
+    Alias('data_dir', 'real_data', note="the reference's training images, whatever folder it is given; r defaults to 1"),
+    Alias('gen_batch', 'teacher_batch', note='former spelling'),
+    Alias('no_hflip', 'hflip', lambda v, w: not v, str2bool, 'former spelling; true: --hflip false'))
+
+def dkdm_synthetic(cfg: DKDMBaselineConfig, info) -> Path | None:
+    "The data-free baseline's synthetic set: teacher samples written as an LMDB (sharded over processes, resumable) unless it exists."
+    syn = cfg.synthetic_path()
+    if syn is None or (syn/'data.mdb').exists(): return syn
+    cfg.check_teacher()
+    with torch.random.fork_rng(devices=[info.device] if info.device.type == 'cuda' else []):  # outside the run's random streams: a
+        net, diff, tflags = load_dkdm_teacher(cfg.teacher, cfg.teacher_arch, cfg.teacher_config, None, cfg.codebase, info.device)  # resumed run draws the same
+        if info.is_main: print(f'dkdm_baseline: sampling {cfg.n_synthetic} teacher images ({cfg.synthetic_steps} steps) into {syn} on {info.world_size} process(es)', flush=True)
+        generate_synthetic(net.eval().requires_grad_(False), diff, cfg.n_synthetic, syn, (net.in_channels, net.image_size, net.image_size),
+                           cfg.synthetic_steps, cfg.teacher_batch, net.num_classes, bool(tflags.get('clip_denoised', True)),
+                           teacher_amp(cfg.teacher_precision, info.device), cfg.seed, info.device, rank=info.rank, world_size=info.world_size,
+                           progress=cfg.progress)  # seeded by --seed and the part index: the same images at any world size
+    return syn
+
+def build_dkdm_baseline(cfg: DKDMBaselineConfig, info) -> RunParts:
+    "Data (synthetic, mixed or real) and a new student for `run_training`: standard DDPM training (the DKDM paper's baselines)."
     from distill_nb.data.lmdb_dataset import LMDBDataset
     from distill_nb.data.cli import open_dataset
-    syn_ds = LMDBDataset(syn) if need_syn else None
-    ds = MixedDataset(syn_ds, open_dataset(real_data), real_fraction, seed=seed) if real_data is not None else syn_ds
-    seed_everything(seed)
-    sflags = _student_flags(student or pr['student'], **_json_flags(student_flags, 'student_flags'))
-    s_net = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
-    img = tuple(ds[0][0].shape)
-    if img != (s_net.in_channels, s_net.image_size, s_net.image_size):
-        raise UserError(f'student expects {s_net.in_channels}x{s_net.image_size}x{s_net.image_size} images; the training data has '
-                        f'{"x".join(map(str, img))} (--student_flags image_size, --real_data)')
-    diff = diffusion_from_flags('teacher flags', **{**tflags, 'learn_sigma': sflags.get('learn_sigma', True), 'timestep_respacing': ''})
-    cfg = {'method': 'dkdm_baseline', 'preset': preset, 'teacher': teacher, 'teacher_flags': tflags, 'student_flags': sflags,
-           'synthetic': str(syn) if need_syn else None, 'real_data': real_data, 'real_fraction': real_fraction, 'dataset_size': len(ds),
-           'batch_size': B, 'lr': f['lr'], 'seed': seed, 'ema': ema, 'amp': s_amp, 'hflip': not no_hflip,
-           'loss_scale': pr['loss_scale'] if s_amp == 'fp16' else None}
-    learn = ddpm_baseline_fit(s_net, diff, ds, steps, B // W, lr=f['lr'], weight_decay=f['weight_decay'],
-                              ema=ema or None, hflip=not no_hflip, class_cond=bool(sflags.get('class_cond')), amp=s_amp, run_dir=out,
-                              save_every=f['save_every'], resume=resume, seed=seed, device=device, log_every=log_every,
-                              loss_scale=pr['loss_scale'], config=cfg, overwrite=overwrite)
-    _save_students(learn, out, tflags, 'dkdm_baseline')
+    syn = dkdm_synthetic(cfg, info)
+    syn_ds = LMDBDataset(syn) if syn is not None else None
+    ds = MixedDataset(syn_ds, open_dataset(cfg.real_data), cfg.fraction(), seed=cfg.seed) if cfg.real_data is not None else syn_ds
+    C, H, W = tuple(ds[0][0].shape)
+    if H != W: raise UserError(f'the training images are {C}x{H}x{W}; the ADM student needs square images')
+    tflags = _teacher_diffusion_flags(cfg.teacher, cfg.teacher_arch, cfg.teacher_config)
+    nc = int(tflags.get('num_classes', 1000)) if str(tflags.get('class_cond', False)).lower() == 'true' else None
+    sflags = cfg.student_flags(H, C, nc)
+    student = ADMUNet(**adm_kwargs_from_flags('student', **sflags))
+    diff = diffusion_from_flags('teacher flags', **{**tflags, 'learn_sigma': sflags['learn_sigma'], 'timestep_respacing': ''})
+    return RunParts(models={'student': student}, steps=[ddpm_step(student, diff, cfg.lr, cfg.weight_decay, cfg.hflip, bool(nc))],
+                    data=run_loader(cfg, info, ds), sample=_ddpm_grid_sampler(diff, (C, H, W), nc or 0), ema='student', label_dim=nc or 0,
+                    final={FINAL_FILE: ('student', ddpm_sampler_meta(tflags, sflags['learn_sigma']))}, callbacks=cfg.ema_callbacks(),
+                    record={'teacher_flags': tflags, 'student_flags': sflags, 'img_shape': [C, H, W], 'dataset_size': len(ds),
+                            'synthetic_set': str(syn) if syn is not None else None},
+                    learner_kwargs={'loss_scale': _loss_scale(cfg.precision)})
+
+def train_dkdm_baseline(cfg: DKDMBaselineConfig, # a resolved config
+                        cbs=()) -> Learner: # extra callbacks
+    "The DKDM paper's baselines (data-free, data-limited, data-based): standard DDPM training of a new student; returns the Learner."
+    return run_training(cfg, build_dkdm_baseline, cbs)
+
+@config_cli(DKDMBaselineConfig, DKDM_BASELINE_ALIASES, DKDM_BASELINE_PRESETS)
+def dkdm_baseline(cfg: DKDMBaselineConfig):
+    "DKDM baselines: teacher samples as data (data-free) or mixed with real images (data-limited), standard DDPM training (Xiang et al. 2025)."
+    if cfg.generate_only:  # no training run: only the synthetic set (sharded over the processes of a torchrun)
+        info = init_distributed(cfg.device); cfg.check(info.world_size); dkdm_synthetic(cfg, info); return
+    learn = train_dkdm_baseline(cfg)
+    if learn.is_main: print(f'dkdm_baseline: {learn.step} steps done; student written to {Path(cfg.run_dir)/FINAL_FILE}')
