@@ -5,23 +5,23 @@
 # %% ../nbs/31_dmd.ipynb #a7bc9cfb
 from __future__ import annotations
 import sys
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 import torch
 from torch import nn
-from fastcore.script import store_true
-from .core import get_device, seed_everything, UserError, check_positive, check_range, one_hot_labels
+from .core import get_device, UserError, check_positive, one_hot_labels
 from .losses import l2_distance, lpips_from_registry
-from .dmd2 import (DMD2, step_range, DMD2Config, DMD2Monitor, DMDGenerator, display_samples, save_image_grid,
-                             fid_callback, default_callbacks)
-from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, list_checkpoints, init_distributed
+from .dmd2 import DMD2, DMD2Grid, step_range, dmd2_sample, DMDGenerator, display_samples
+from .learner import Learner, TrainStep, make_optimizer
 from .checkpoints import load_network
-from .core import cli
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool
+from .run import RunParts, run_training, run_loader
 
 # %% auto #0
-__all__ = ['DMDGenerator', 'display_samples', 'DM_SIGMA_RANGES', 'regression_fn', 'dmd1_step_range', 'dm_index_range',
-           'DMDConfig', 'dmd_steps', 'DMDMonitor', 'dmd_learner', 'iters_per_epoch', 'check_dmd_config',
-           'check_pairs_fit', 'train_dmd', 'normalize_argv', 'dmd_train', 'dmd_train_main']
+__all__ = ['DMDGenerator', 'display_samples', 'DM_SIGMA_RANGES', 'DMD_PRESETS', 'DMD_ALIASES', 'regression_fn', 'dmd1_step_range',
+           'dm_index_range', 'DMDConfig', 'dmd_steps', 'DMDGrid', 'iters_per_epoch', 'check_pairs_fit', 'build_dmd',
+           'train_dmd', 'normalize_argv', 'dmd_train', 'dmd_train_main']
 
 # %% ../nbs/31_dmd.ipynb #be346f0f
 DMDGenerator, display_samples = DMDGenerator, display_samples  # the sampling API is shared with DMD2 (re-exported here)
@@ -59,12 +59,56 @@ def dm_index_range(kind: str, # 'dmd' (the seed's DMD v1) or 'dmd2'
 
 # %% ../nbs/31_dmd.ipynb #6f495804
 @dataclass
-class DMDConfig(DMD2Config):
-    "DMD v1 settings: DMD2's plus paired data, epochs and the regression loss."
-    data_path: str | None = None; epochs: int = 1; dmd_loss_lambda: float = 0.25
-    regression_loss: str = 'auto'; vgg_path: str | None = None; lpips_path: str | None = None; lpips_resize: int | None = 224
-    dm_sigma_range: str = 'dmd'  # 'dmd': the seed's DM-loss σ indices (dmd1_step_range); 'dmd2': DMD2's (dmd2.step_range)
-    overwrite: bool = False  # replace a previous run in output_path (else refused unless resuming)
+class DMDConfig(RunConfig):
+    "DMD v1 settings (Yin et al. 2024) on top of the shared run settings (`config.RunConfig`); spellings of devrimcavusoglu/dmd are aliases."
+    teacher: str | None = None  # EDM teacher: an EDM .pkl (path or URL) or a distill_nb .safetensors
+    data_path: str | None = None  # HDF5 pairs file (DMD v1 layout: distill_dataset pairs, data.pairs.write_pairs)
+    epochs: int | None = None  # passes over the pairs (instead of --steps / --kimg; one pass when none of them is given)
+    lr: float = 5e-5  # AdamW learning rate of the generator (and of the fake score unless --guidance_lr)
+    guidance_lr: float | None = None  # AdamW learning rate of the fake score [default: --lr]
+    dmd_loss_lambda: float = 0.25  # weight of the regression loss
+    regression_loss: str = 'auto'  # auto (LPIPS when its weights resolve, else L2), lpips or l2
+    vgg_path: str | None = None  # torchvision VGG16 weights for LPIPS (else the registry's vgg16-torchvision)
+    lpips_path: str | None = None  # LPIPS linear heads (else the registry's vgg16-lpips)
+    lpips_resize: int = 224  # LPIPS input size (0: no resize)
+    max_grad_norm: float = 10.  # gradient-norm clipping of both optimisers (0: off)
+    conditioning_sigma: float = 80.  # generator input noise level (the reference used 79.5638)
+    num_train_timesteps: int = 1000  # size of the Karras grid of training noise levels
+    dm_sigma_range: str = 'dmd'  # DM-loss noise levels: dmd (the seed's grid indices 19..978) or dmd2 (20..980)
+
+    def check(self, world_size: int = 1): # processes the batch is split over
+        "The shared checks, then DMD v1's own; a `UserError` names the flag."
+        super().check(world_size)
+        if self.epochs is not None:
+            check_positive('--epochs', self.epochs)
+            if self.steps is not None or self.kimg is not None: raise UserError('--epochs: give either --epochs or --steps/--kimg, not both')
+        check_positive('--lr', self.lr)
+        if self.guidance_lr is not None: check_positive('--guidance_lr', self.guidance_lr)
+        check_positive('--conditioning_sigma', self.conditioning_sigma)
+        for flag, v in [('--dmd_loss_lambda', self.dmd_loss_lambda), ('--max_grad_norm', self.max_grad_norm), ('--lpips_resize', self.lpips_resize)]:
+            check_positive(flag, v, allow_zero=True)
+        if self.num_train_timesteps < 2: raise UserError(f'--num_train_timesteps: expected at least 2 grid points, got {self.num_train_timesteps}')
+        dm_index_range(self.dm_sigma_range, self.num_train_timesteps)
+        if self.regression_loss not in ('auto', 'lpips', 'l2'):
+            raise UserError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {self.regression_loss!r}")
+        if self.resume and self.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
+        return self
+
+DMD_PRESETS = {  # devrimcavusoglu/dmd: its CLI defaults, and the authors' runs (goals.txt: one RTX 4090, batch 48, lr 1.75e-5)
+    'cifar10': dict(batch=56, lr=5e-5, seed=42, sample_every=300, ckpt_every=1600, log_every=100, conditioning_sigma=79.5638),
+    'cifar10-authors': dict(batch=48, lr=1.75e-5, seed=42, sample_every=300, ckpt_every=1600, log_every=100, conditioning_sigma=79.5638),
+}
+
+DMD_ALIASES = tuple(a for a in COMMON_ALIASES if a.name != 'use_fp16') + (
+    Alias('use_fp16', 'precision', lambda v, ws: 'bf16' if v else 'fp32', str2bool, 'true: --precision bf16, as in dmd2_train'),
+    Alias('model_path', 'teacher'), Alias('teacher_model_path', 'teacher'),
+    Alias('batch_size', 'batch', lambda v, ws: check_positive('--batch_size', v) * ws, int, 'per process, as in the reference trainer'),
+    Alias('train_iters', 'steps', lambda v, ws: v or None, int, '0: --epochs'),
+    Alias('log_iters', ('log_every', 'sample_every', 'ckpt_every'), note='one cadence for metrics, grids and checkpoints'),
+    Alias('im_save_steps', 'sample_every'), Alias('model_save_steps', 'ckpt_every'), Alias('max_norm', 'max_grad_norm'),
+    Alias('dmd_loss_timesteps', 'num_train_timesteps'), Alias('max_checkpoint', 'max_keep'), Alias('num_workers', 'workers'),
+    Alias('checkpoint_path', 'resume', note='the checkpoint folder to continue from'),
+    Alias('ref_path', 'fid_ref'), Alias('detector_url', 'fid_detector'), Alias('fid_iters', 'fid_every'))
 
 def dmd_steps(model: DMD2, cfg: DMDConfig, reg_fn) -> list[TrainStep]:
     "Generator (DM + λ·regression) and fake-score `TrainStep`s, 1:1 (DMD, Yin et al. 2024)."
@@ -76,7 +120,7 @@ def dmd_steps(model: DMD2, cfg: DMDConfig, reg_fn) -> list[TrainStep]:
         both = learn.models['generator'](torch.cat([z, z_ref]) * s, torch.full((2 * len(z),), s, device=z.device), yy)
         x, x_ref = both.chunk(2)
         out = model.generator_turn(x, y)
-        # this iteration's state (`Learner.scratch`) for the fake-score step and the monitor's grid
+        # this iteration's state (`Learner.scratch`) for the fake-score step and the diagnostic grid
         learn.scratch.update({'dmd/x': (x.detach(), y), 'dmd/ref': (x_ref.detach(), y_ref), 'dmd/vis': out['_vis']})
         return {'dm': out['loss_dm'], 'reg': cfg.dmd_loss_lambda * reg_fn(x_ref, y_ref.clamp(-1, 1))}
 
@@ -86,53 +130,24 @@ def dmd_steps(model: DMD2, cfg: DMDConfig, reg_fn) -> list[TrainStep]:
 
     kw = dict(kind='adamw', betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     clip = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else None
-    return [TrainStep('generator', gen_loss, make_optimizer(model.generator_parameters(), cfg.generator_lr, **kw), clip=clip),
-            TrainStep('guidance', guidance_loss, make_optimizer(model.guidance_parameters(), cfg.guidance_lr, **kw), clip=clip)]
+    g_lr = cfg.guidance_lr if cfg.guidance_lr is not None else cfg.lr
+    return [TrainStep('generator', gen_loss, make_optimizer(model.generator_parameters(), cfg.lr, **kw), clip=clip),
+            TrainStep('guidance', guidance_loss, make_optimizer(model.guidance_parameters(), g_lr, **kw), clip=clip)]
 
-class DMDMonitor(DMD2Monitor):
-    "DMD2's monitor with DMD v1's grid: G(z), D_real, D_fake, G(z_ref), y_ref."
+class DMDGrid(DMD2Grid):
+    "DMD v1's diagnostic grid: G(z), D_real, D_fake of this iteration's generator step, G(z_ref), y_ref (from `learn.scratch`)."
     @torch.no_grad()
-    def save_grid(self, learn):
-        vis, ref, cur = (learn.scratch.get(f'dmd/{k}') for k in ('vis', 'ref', 'x'))  # this iteration's generator step
-        if vis is None or ref is None or cur is None: return super().save_grid(learn)
-        x_t, d_real, d_fake, _ = vis; n = self.cfg.grid_samples
-        x = cur[0]
-        learn.images['samples_real_fake_ref'] = save_image_grid([x[:n], d_real[:n], d_fake[:n], ref[0][:n], ref[1][:n]],
-                                                               Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png')
-
-def dmd_learner(model: DMD2, cfg: DMDConfig, pairs, reg_fn, fid_fn=None, log_fn=print) -> Learner:
-    "A `Learner` running DMD v1 over a paired dataset (`data.pairs.PairsDataset`); sets the model's DM-loss σ range from `cfg`."
-    model.dm_lo, model.dm_hi = dm_index_range(cfg.dm_sigma_range, cfg.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
-    dl = ResumableLoader(pairs, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, drop_last=True)
-    cbs = default_callbacks(model, cfg, fid_fn, log_fn, monitor=DMDMonitor); mon = cbs[0]
-    learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd_steps(model, cfg, reg_fn),
-                    dl, cbs=cbs, device=cfg.device, amp='bf16' if cfg.use_fp16 else None, run_dir=cfg.output_path,
-                    config=asdict(cfg), batch_size=cfg.batch_size, ddp_kwargs={'find_unused_parameters': True}, overwrite=cfg.overwrite)
-    learn.monitor, learn.dmd = mon, model
-    return learn
+    def rows(self, learn) -> list[torch.Tensor]:
+        vis, ref, cur = (learn.scratch.get(f'dmd/{k}') for k in ('vis', 'ref', 'x'))
+        if vis is None or ref is None or cur is None: return super().rows(learn)
+        n, (_, d_real, d_fake, _) = len(self.vis_z), vis
+        return [cur[0][:n], d_real[:n], d_fake[:n], ref[0][:n], ref[1][:n]]
 
 def iters_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
-    "Iterations of one epoch over n pairs (drop_last, sharded over ranks)."
+    "Iterations of one epoch over n pairs (drop_last, sharded over ranks; `batch_size` per process)."
     return max(n // (batch_size * world_size), 1)
 
 # %% ../nbs/31_dmd.ipynb #3d916f20
-def check_dmd_config(cfg: DMDConfig) -> DMDConfig:
-    "Validate the user-facing settings of a DMD v1 run; a `UserError` names the flag."
-    if not cfg.teacher_model_path: raise UserError('--model_path is required: the EDM teacher to distil')
-    if not cfg.data_path: raise UserError('--data_path is required: the HDF5 pairs file (distill_dataset pairs / data.pairs.write_pairs)')
-    for flag, v in [('--batch_size', cfg.batch_size), ('--epochs', cfg.epochs), ('--lr', cfg.generator_lr), ('--lr', cfg.guidance_lr),
-                    ('--conditioning_sigma', cfg.conditioning_sigma), ('--num_train_timesteps', cfg.num_train_timesteps),
-                    ('--log_iters', cfg.log_iters), ('--max_checkpoint', cfg.max_checkpoint), ('--fid_samples', cfg.fid_samples)]:
-        check_positive(flag, v)
-    for flag, v in [('--train_iters', cfg.train_iters), ('--dmd_loss_lambda', cfg.dmd_loss_lambda), ('--max_norm', cfg.max_grad_norm),
-                    ('--num_workers', cfg.num_workers), ('--lpips_resize', cfg.lpips_resize or 0)]:
-        check_positive(flag, v, allow_zero=True)
-    if cfg.num_train_timesteps < 2: raise UserError(f'--num_train_timesteps: expected at least 2 grid points, got {cfg.num_train_timesteps}')
-    if cfg.regression_loss not in ('auto', 'lpips', 'l2'):
-        raise UserError(f"--regression_loss: expected 'auto', 'lpips' or 'l2', got {cfg.regression_loss!r}")
-    dm_index_range(cfg.dm_sigma_range, cfg.num_train_timesteps, cfg.min_step_percent, cfg.max_step_percent)
-    return cfg
-
 def check_pairs_fit(pairs, teacher: nn.Module, path) -> None:
     "A `UserError` naming both values when the pairs' image shape or class labels do not fit the teacher (first and last pair checked)."
     want = (int(teacher.img_channels), int(teacher.img_resolution), int(teacher.img_resolution))
@@ -145,31 +160,47 @@ def check_pairs_fit(pairs, teacher: nn.Module, path) -> None:
         if label_dim and not 0 <= c < label_dim:
             raise UserError(f'{path}: pair {i} has class {c}, but the teacher has label_dim={label_dim} (classes 0..{label_dim - 1})')
 
-def train_dmd(cfg: DMDConfig, log_fn=print) -> Learner:
-    "Run DMD v1 training from a config."
-    check_dmd_config(cfg)
-    from distill_nb.data.pairs import PairsDataset
-    info = init_distributed(cfg.device); cfg.device = str(info.device)
-    seed_everything(cfg.seed + info.rank)
-    pairs = PairsDataset(cfg.data_path)
-    teacher = load_network(cfg.teacher_model_path, 'cpu')
-    check_pairs_fit(pairs, teacher, cfg.data_path)
-    model = DMD2(teacher, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps,
-                 sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, min_step_percent=cfg.min_step_percent,
-                 max_step_percent=cfg.max_step_percent, sigma_data=cfg.sigma_data).to(get_device(cfg.device))
-    reg = regression_fn(cfg.regression_loss, cfg.vgg_path, cfg.lpips_path, cfg.lpips_resize, cfg.device,
-                        log_fn if info.is_main else (lambda s: None))
-    if not cfg.train_iters: cfg.train_iters = cfg.epochs * iters_per_epoch(len(pairs), cfg.batch_size, info.world_size)
-    fid_fn = fid_callback(cfg) if info.is_main else None
-    learn = dmd_learner(model, cfg, pairs, reg, fid_fn, log_fn if info.is_main else (lambda s: None))
-    resume = cfg.checkpoint_path or ('auto' if cfg.resume else None)  # auto: the newest checkpoint if there is one, else a fresh start
-    if cfg.checkpoint_path: log_fn(f'resuming from {cfg.checkpoint_path}')
-    learn.fit(cfg.train_iters, resume=resume)
+def build_dmd(cfg: DMDConfig, info, # a checked config, the process (`learner.DistInfo`)
+              model: nn.Module | None = None, # an in-memory `DMD2` or teacher module instead of --teacher
+              pairs=None, # a pairs dataset (`data.pairs.PairsDataset`) instead of --data_path
+              reg_fn=None, # the regression distance instead of --regression_loss
+              log_fn=print) -> RunParts:
+    "Networks, steps, paired data, sampler, final file and grid of a DMD v1 run; `run.run_training` does the rest."
+    log = log_fn if info.is_main else (lambda s: None)
+    if pairs is None:
+        if not cfg.data_path: raise UserError('--data_path is required: the HDF5 pairs file (distill_dataset pairs / data.pairs.write_pairs)')
+        from distill_nb.data.pairs import PairsDataset
+        pairs = PairsDataset(cfg.data_path)
+    if not isinstance(model, DMD2):
+        if model is None and not cfg.teacher: raise UserError('--teacher (or --model_path) is required: the EDM teacher to distil')
+        teacher = model if model is not None else load_network(cfg.teacher, 'cpu')
+        check_pairs_fit(pairs, teacher, cfg.data_path or 'the pairs')
+        model = DMD2(teacher, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps)
+    model.dm_lo, model.dm_hi = dm_index_range(cfg.dm_sigma_range, cfg.num_train_timesteps)
+    model = model.to(info.device)
+    reg = reg_fn or regression_fn(cfg.regression_loss, cfg.vgg_path, cfg.lpips_path, cfg.lpips_resize or None, info.device, log)
+    lb = cfg.local_batch(info.world_size)
+    if cfg.steps is None and cfg.kimg is None: cfg.steps = (cfg.epochs or 1) * iters_per_epoch(len(pairs), lb, info.world_size)
+    return RunParts(models={'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance},
+                    steps=dmd_steps(model, cfg, reg), data=run_loader(cfg, info, pairs, drop_last=True), sample=dmd2_sample(model),
+                    final={'network-final.safetensors': ('generator', model.sampler_meta)}, ema='generator', label_dim=model.label_dim,
+                    callbacks=[DMDGrid(model, cfg.sample_every, cfg.grid_samples, log)],
+                    record={'img_shape': [model.img_channels, model.img_resolution, model.img_resolution], 'label_dim': model.label_dim,
+                            'sampler': model.sampler_meta, 'n_pairs': len(pairs), 'dm_index_range': [model.dm_lo, model.dm_hi]},
+                    learner_kwargs={'ddp_kwargs': {'find_unused_parameters': True}, 'batch_size': lb})
+
+def train_dmd(cfg: DMDConfig, # a `DMDConfig` (with neither --steps nor --kimg, --epochs sets cfg.steps)
+              cbs=(), # extra callbacks
+              model: nn.Module | None = None, pairs=None, reg_fn=None, # in-memory replacements of --teacher, --data_path, --regression_loss
+              log_fn=print) -> Learner: # where the run's notices go (rank 0)
+    "Run DMD v1 training (Yin et al. 2024): the plain Python entry behind `dmd_train`; `learn.dmd` is the trained `DMD2` model."
+    learn = run_training(cfg, partial(build_dmd, model=model, pairs=pairs, reg_fn=reg_fn, log_fn=log_fn), cbs, log=log_fn)
+    learn.dmd = next(c.model for c in learn.parts.callbacks if isinstance(c, DMDGrid))
     return learn
 
 # %% ../nbs/31_dmd.ipynb #ad951739
 def normalize_argv(argv: list[str]) -> list[str]:
-    "Turn `--model-path x` / `--model-path=x` into `--model_path` (fastcore's parser only knows underscores)."
+    "Turn `--model-path x` / `--model-path=x` into `--model_path` (the reference CLI's hyphenated spellings)."
     out = []
     for a in argv:
         if a.startswith('--') and len(a) > 2:
@@ -181,58 +212,14 @@ def normalize_argv(argv: list[str]) -> list[str]:
 if __name__ == '__main__' and Path(sys.argv[0]).name == 'dmd.py':  # `python -m distill_nb.dmd --model-path ...`
     sys.argv[1:] = normalize_argv(sys.argv[1:])
 
-@cli
-def dmd_train(
-    model_path: str = None, # EDM teacher (.pkl path/URL or distill_nb .safetensors)
-    data_path: str = None, # HDF5 pairs file (DMD v1 layout)
-    output_dir: str = 'dmd_run', # run folder
-    epochs: int = 1, # passes over the pairs
-    train_iters: int = None, # total iterations (overrides --epochs)
-    batch_size: int = 56, # per-process batch
-    lr: float = 5e-5, # AdamW LR of generator and fake score
-    dmd_loss_lambda: float = 0.25, # weight λ_reg of the regression loss
-    regression_loss: str = 'auto', # auto (LPIPS if weights resolve, else L2) | lpips | l2
-    vgg_path: str = None, # torchvision VGG16 weights for LPIPS (else registry 'vgg16-torchvision')
-    lpips_path: str = None, # LPIPS linear heads (else registry 'vgg16-lpips')
-    lpips_resize: int = 224, # LPIPS input size (0 = no resize)
-    max_norm: float = 10., # gradient clipping
-    conditioning_sigma: float = 80., # generator input σ_g (the reference used 79.5638)
-    num_train_timesteps: int = 1000, # Karras grid size for training σ
-    dm_sigma_range: str = 'dmd', # DM-loss σ: dmd (the seed's, grid indices 19..978: σ in [0.003157, 71.26]) or dmd2 (20..980)
-    log_iters: int = 300, # log, grid and checkpoint every N iterations
-    max_checkpoint: int = 5, # keep the newest N checkpoints
-    seed: int = 42, # base seed (+rank)
-    num_workers: int = 2, # data-loader workers
-    resume: store_true = False, # resume from the newest checkpoint in --output_dir
-    overwrite: store_true = False, # replace a previous run in --output_dir (its checkpoints, grids, metrics)
-    checkpoint_path: str = None, # resume from this checkpoint folder
-    use_fp16: store_true = False, # bf16 autocast
-    device: str = None, # cpu, cuda, ... (default: cuda if available)
-    ref_path: str = None, # FID reference statistics; FID is on with --detector_url
-    detector_url: str = None, # FID detector weights
-    fid_samples: int = 10000, # images per FID
-    wandb_project: str = None, # W&B project (off without one)
-    wandb_entity: str = None, # W&B entity
-    wandb_name: str = None, # W&B run name
-):
+@config_cli(DMDConfig, aliases=DMD_ALIASES, presets=DMD_PRESETS)
+def dmd_train(cfg: DMDConfig):
     "Distil an EDM teacher into a one-step generator with DMD v1 (Yin et al. 2024); hyphenated flags (--model-path) also work."
-    cfg = DMDConfig(teacher_model_path=model_path, data_path=data_path, output_path=output_dir, epochs=epochs,
-                    train_iters=train_iters or 0, batch_size=batch_size, generator_lr=lr, guidance_lr=lr,
-                    dfake_gen_update_ratio=1, warmup_step=0, dmd_loss_lambda=dmd_loss_lambda, regression_loss=regression_loss,
-                    vgg_path=vgg_path, lpips_path=lpips_path, lpips_resize=lpips_resize or None, max_grad_norm=max_norm,
-                    conditioning_sigma=conditioning_sigma, num_train_timesteps=num_train_timesteps, dm_sigma_range=dm_sigma_range, log_iters=log_iters,
-                    max_checkpoint=max_checkpoint, seed=seed, num_workers=num_workers, resume=resume, overwrite=overwrite,
-                    checkpoint_path=checkpoint_path, use_fp16=use_fp16, device=device, ref_path=ref_path,
-                    detector_url=detector_url, fid_samples=fid_samples, wandb_project=wandb_project,
-                    wandb_entity=wandb_entity, wandb_name=wandb_name)
     train_dmd(cfg)
 
 def dmd_train_main(argv: list[str] | None = None): # arguments (default: sys.argv[1:])
-    "Console entry point of `dmd_train`: parses `dmd_train`'s flags, accepting hyphenated spellings (the reference CLI's) too."
-    from fastcore.script import anno_parser
-    from distill_nb.core import run_cli
-    p = anno_parser(dmd_train.__wrapped__, 'dmd_train')
-    p.add_argument('--debug', action='store_true', help='show the full traceback of errors (also DISTILL_NB_DEBUG=1)')
-    a = vars(p.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv)))
-    a.pop('pdb', None); a.pop('xtra', None); debug = a.pop('debug')
-    run_cli(dmd_train.__wrapped__, a, 'dmd_train', debug)  # user errors: one line `dmd_train: error: ...`, exit status 2
+    "Console entry point of `dmd_train`: `dmd_train`'s flags, with the reference's hyphenated spellings accepted too."
+    old = sys.argv[:]
+    sys.argv[1:] = normalize_argv(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    try: return dmd_train()
+    finally: sys.argv[:] = old

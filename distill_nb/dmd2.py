@@ -4,27 +4,27 @@
 
 # %% ../nbs/30_dmd2.ipynb #cd3a96b6
 from __future__ import annotations
-import contextlib, copy, math, os, shutil, tempfile, time
+import contextlib, copy, math, os, shutil, tempfile
+from functools import partial
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import store_true
 from .core import (get_device, append_dims, as_sigma, StackedRandomGenerator, seed_everything, to_uint8,
                              atomic_write, register, store_init_kwargs, unwrap_model, one_hot_labels)
 from .losses import edm_weight, denoising_loss, gan_g_loss, gan_d_loss
 from .schedules import karras_train_sigmas, train_index_range
-from .core import cli, UserError, check_positive, check_range, check_file
+from .core import UserError, check_positive, check_range, check_file
 
 # %% auto #0
-__all__ = ['DATASETS', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss', 'LearnableGaussianDenoiser', 'ToyEDMDenoiser',
-           'bottleneck_shape', 'ClassifierHead', 'classifier_head_for', 'real_score', 'shared_step_index',
-           'backward_simulate', 'few_step_sample', 'disable_dropout', 'frozen', 'DMD2Guidance', 'DMD2',
-           'memory_estimate', 'format_memory_estimate', 'DMD2Config', 'save_image_grid', 'rotate_checkpoints',
-           'copy_checkpoint', 'dmd2_steps', 'DMD2Monitor', 'default_callbacks', 'dmd2_learner', 'DMDGenerator',
-           'display_samples', 'check_dmd2_config', 'check_real_data', 'build_dmd2', 'fid_callback', 'train_dmd2',
-           'dmd2_train']
+__all__ = ['DATASETS', 'DMD2_PRESETS', 'DMD2_ALIASES', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss',
+           'LearnableGaussianDenoiser', 'ToyEDMDenoiser', 'bottleneck_shape', 'ClassifierHead', 'classifier_head_for',
+           'real_score', 'shared_step_index', 'backward_simulate', 'few_step_sample', 'disable_dropout', 'frozen',
+           'DMD2Guidance', 'DMD2', 'memory_estimate', 'format_memory_estimate', 'DMD2Config', 'save_image_grid',
+           'copy_checkpoint', 'dmd2_steps', 'DMD2Grid', 'CacheCopy', 'StartAt', 'check_real_data', 'make_dmd2',
+           'load_start_weights', 'dmd2_sample', 'build_dmd2', 'train_dmd2', 'dmd2_train', 'DMDGenerator',
+           'display_samples']
 
 # %% ../nbs/30_dmd2.ipynb #b0f60914
 def step_range(n: int, # grid size (`--num_train_timesteps`)
@@ -330,7 +330,8 @@ class DMD2(nn.Module):
         else: x, s = backward_simulate(unwrap_model(G), z, labels, self.student_sigmas, k, noise_fn)
         return G(x, s, labels)
 
-    def generator_turn(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    def generator_turn(self, x: torch.Tensor, labels: torch.Tensor | None,
+                       measure_gan: bool = True) -> dict: # measure the GAN gradient norm at x (an extra backward; always with gan_grad_ratio)
         "Per-sample generator losses on x = G(z) (with grad): `loss_dm` (+ `loss_gen_cls`) and their weighted sum `loss`."
         n = x.shape[0]
         sigma = sample_grid_sigma(self.karras_sigmas, self.dm_lo, self.dm_hi, n)
@@ -345,10 +346,13 @@ class DMD2(nn.Module):
         if self.gan_classifier:
             with frozen(self.guidance): lg = gan_g_loss(self.guidance.disc_logits(x, labels))
             out['loss_gen_cls'] = lg
-            n_gan = torch.autograd.grad(lg.mean(), x, retain_graph=True)[0].norm()  # through the head/encoder to x only
+            n_gan = None
+            if measure_gan or self.gan_grad_ratio is not None:  # through the head/encoder to x only
+                n_gan = torch.autograd.grad(lg.mean(), x, retain_graph=True)[0].norm()
             w = self.gen_cls_loss_weight if self.gan_grad_ratio is None else \
                 (self.gan_grad_ratio * out['grad_norm_x_dm'] / (n_gan + 1e-12)).detach()
-            out['gen_cls_weight'], out['grad_norm_x_gan'] = torch.as_tensor(w, dtype=torch.float32), (w * n_gan).detach()
+            out['gen_cls_weight'] = torch.as_tensor(w, dtype=torch.float32)
+            if n_gan is not None: out['grad_norm_x_gan'] = (w * n_gan).detach()
             loss = loss + w * lg
         out['loss'] = loss
         out['_vis'] = (x_t, d_real, d_fake, sigma)
@@ -382,32 +386,119 @@ def format_memory_estimate(est: dict) -> str:
             f"(+ activations)")
 
 # %% ../nbs/30_dmd2.ipynb #bab715a9
-from .learner import (Learner, TrainStep, Callback, ResumableLoader, make_optimizer, list_checkpoints, load_module_state,
-                                write_guard, clean_leftovers)
-from .checkpoints import save_network, load_network
-from .callbacks import MetricsLogger, WandbLogger, rotate_checkpoints as _rotate
+from .learner import Learner, TrainStep, Callback, make_optimizer, list_checkpoints, load_module_state, write_guard, clean_leftovers
+from .checkpoints import load_network
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool
+from .run import RunParts, run_training, run_loader
+from .callbacks import Checkpointer, rotate_checkpoints
 
 # %% ../nbs/30_dmd2.ipynb #3c8ee46b
+DATASETS = {'cifar10': (32, 10), 'cifar10-vp': (32, 10), 'imagenet': (64, 1000)}  # --dataset_name: (resolution, classes)
+
+def _int_flag(flag: str, v, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int): raise UserError(f'{flag}: expected an integer, got {v!r}')
+    return check_positive(flag, v, allow_zero)
+
+def _sigma_list(s) -> list[float] | None:
+    "`--student_sigmas '80,1.5'` (or a list from Python) as floats, checked: a decreasing list of positive noise levels."
+    if s is None or s == '' or s == []: return None
+    try: ss = [float(v) for v in (s.split(',') if isinstance(s, str) else s)]
+    except (TypeError, ValueError): raise UserError(f'--student_sigmas: expected comma-separated numbers, e.g. 80,1.5; got {s!r}') from None
+    if any(not v > 0 for v in ss) or any(a <= b for a, b in zip(ss, ss[1:])):
+        raise UserError(f'--student_sigmas: expected a decreasing list of positive noise levels, e.g. 80,1.5; got {ss}')
+    return ss
+
 @dataclass
-class DMD2Config:
-    "All settings of a DMD2 run (flag names follow tianweiy/DMD2's `train_edm.py`)."
-    teacher_model_path: str | None = None; consistency_model_path: str | None = None
-    output_path: str = 'dmd2_run'; batch_size: int = 40; train_iters: int = 1000; log_iters: int = 500; seed: int = 10
-    generator_lr: float = 2e-6; guidance_lr: float = 2e-6; dfake_gen_update_ratio: int = 5; warmup_step: int = 500
-    max_grad_norm: float = 10.; num_train_timesteps: int = 1000; min_step_percent: float = 0.02; max_step_percent: float = 0.98
-    sigma_max: float = 80.; sigma_min: float = 0.002; sigma_data: float = 0.5; rho: float = 7.; conditioning_sigma: float = 80.
-    label_dim: int | None = None; guidance_scale: float = 1.
-    gan_classifier: bool = False; gen_cls_loss_weight: float = 0.; cls_loss_weight: float = 1.; cls_hidden_channels: int = 768
-    diffusion_gan: bool = False; diffusion_gan_max_timestep: int = 0; gan_grad_ratio: float | None = None
-    student_sigmas: list | None = None
-    real_image_path: str | None = None; num_workers: int = 2
-    max_checkpoint: int = 200; delete_ckpts: bool = False; cache_dir: str | None = None
-    checkpoint_path: str | None = None; ckpt_only_path: str | None = None; generator_ckpt_path: str | None = None; resume: bool = False
-    overwrite: bool = False  # replace a previous run in output_path (else refused unless resuming)
-    use_fp16: bool = False; device: str | None = None
-    ref_path: str | None = None; detector_url: str | None = None; fid_iters: int | None = None; fid_samples: int = 10000
-    wandb_project: str | None = None; wandb_entity: str | None = None; wandb_name: str | None = None
-    grid_samples: int = 16
+class DMD2Config(RunConfig):
+    "DMD2 settings (Yin et al. 2024) on top of the shared run settings (`config.RunConfig`); names follow tianweiy/DMD2's `train_edm.py`."
+    teacher: str | None = None  # EDM teacher: an EDM .pkl (path or URL) or a distill_nb .safetensors
+    consistency_model_path: str | None = None  # start the generator from this consistency model instead of the teacher
+    initialize_generator: bool = True  # start the generator as a copy of the teacher (false needs --consistency_model_path or --generator_ckpt_path)
+    generator_ckpt_path: str | None = None  # load the generator only (a checkpoint folder or a .safetensors); training starts at step 0
+    ckpt_only_path: str | None = None  # load generator and fake-score weights from a checkpoint folder step-N (fresh optimisers, start at step N)
+    generator_lr: float = 2e-6  # generator AdamW learning rate
+    guidance_lr: float = 2e-6  # fake score (+ GAN head) AdamW learning rate
+    dfake_gen_update_ratio: int = 5  # fake-score updates per generator update (two time-scale rule)
+    warmup_step: int = 500  # linear learning-rate warm-up, in iterations (0: none)
+    max_grad_norm: float = 10.  # gradient-norm clipping of both optimisers (0: off)
+    num_train_timesteps: int = 1000  # size of the Karras grid of training noise levels
+    min_step_percent: float = 0.02  # lowest DM-loss grid fraction
+    max_step_percent: float = 0.98  # highest DM-loss grid fraction
+    sigma_min: float = 0.002  # Karras grid sigma_min
+    sigma_max: float = 80.  # Karras grid sigma_max
+    rho: float = 7.  # Karras grid rho
+    sigma_data: float = 0.5  # sigma_data of the fake-score loss weight
+    conditioning_sigma: float = 80.  # generator input noise level: G(z) = D(sigma_g z; sigma_g, y)
+    student_sigmas: str | None = None  # few-step generator: decreasing noise levels, e.g. 80,1.5 (backward simulation); a list from Python
+    guidance_scale: float = 1.  # classifier-free guidance of the real score (1: off)
+    gan_classifier: bool = False  # GAN head on the fake score's bottleneck (needs --real_image_path)
+    gen_cls_loss_weight: float = 0.  # generator GAN loss weight (ImageNet: 3e-3)
+    cls_loss_weight: float = 1.  # discriminator loss weight (ImageNet: 1e-2)
+    cls_hidden_channels: int = 768  # GAN head width
+    diffusion_gan: bool = False  # noise the discriminator's real and fake inputs
+    diffusion_gan_max_timestep: int = 0  # diffusion-GAN noise index bound on the training grid
+    gan_grad_ratio: float | None = None  # instead of --gen_cls_loss_weight: GAN gradient norm at the image = ratio x the DM one
+    real_image_path: str | None = None  # LMDB of real images (DMD2 layout), read only by the GAN head
+    dataset_name: str | None = None  # cifar10, cifar10-vp or imagenet: compared with the teacher (a note when they differ)
+    resolution: int | None = None  # image resolution, checked against the teacher
+    label_dim: int | None = None  # number of classes, checked against the teacher
+    cache_dir: str | None = None  # also copy every checkpoint into this folder
+    cache_keep: int = 200  # copies kept in --cache_dir (DMD2's --max_checkpoint, which only acted on --cache_dir)
+    wandb_entity: str | None = None  # W&B entity (accepted for the reference command lines)
+    wandb_name: str | None = None  # W&B run name (accepted for the reference command lines)
+
+    def check(self, world_size: int = 1): # processes the batch is split over
+        "The shared checks, then DMD2's own; a `UserError` names the flag."
+        super().check(world_size)
+        self.student_sigmas = _sigma_list(self.student_sigmas)
+        for f in ('dfake_gen_update_ratio', 'num_train_timesteps', 'cls_hidden_channels', 'cache_keep'): _int_flag(f'--{f}', getattr(self, f))
+        for f in ('warmup_step', 'diffusion_gan_max_timestep'): _int_flag(f'--{f}', getattr(self, f), allow_zero=True)
+        for f in ('generator_lr', 'guidance_lr', 'sigma_min', 'sigma_max', 'sigma_data', 'rho', 'conditioning_sigma'): check_positive(f'--{f}', getattr(self, f))
+        for f in ('max_grad_norm', 'guidance_scale', 'gen_cls_loss_weight', 'cls_loss_weight'): check_positive(f'--{f}', getattr(self, f), allow_zero=True)
+        if self.gan_grad_ratio is not None: check_positive('--gan_grad_ratio', self.gan_grad_ratio, allow_zero=True)
+        if self.label_dim is not None: _int_flag('--label_dim', self.label_dim, allow_zero=True)
+        if self.resolution is not None: _int_flag('--resolution', self.resolution)
+        if self.dataset_name is not None and self.dataset_name not in DATASETS:
+            raise UserError(f'--dataset_name: expected one of {", ".join(sorted(DATASETS))}, got {self.dataset_name!r}')
+        check_range('--min_step_percent', self.min_step_percent, 0, 1, 'a fraction'); check_range('--max_step_percent', self.max_step_percent, 0, 1, 'a fraction')
+        if self.min_step_percent >= self.max_step_percent:
+            raise UserError(f'--min_step_percent {self.min_step_percent} must be below --max_step_percent {self.max_step_percent}')
+        if self.sigma_min >= self.sigma_max: raise UserError(f'--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}')
+        check_range('--diffusion_gan_max_timestep', self.diffusion_gan_max_timestep, 0, self.num_train_timesteps, 'a grid index')
+        if self.resume and self.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
+        if self.gan_classifier and not self.real_image_path: raise UserError('--gan_classifier needs --real_image_path (an LMDB in DMD2 layout)')
+        if not (self.initialize_generator or self.consistency_model_path or self.generator_ckpt_path or self.ckpt_only_path):
+            raise UserError('--initialize_generator false: give --consistency_model_path, --generator_ckpt_path or --ckpt_only_path '
+                            '(the generator must start from trained weights)')
+        return self
+
+# %% ../nbs/30_dmd2.ipynb #80a6bdd4
+_IN64 = dict(batch=280, seed=10, steps=410_000, generator_lr=2e-6, guidance_lr=2e-6, dfake_gen_update_ratio=5, warmup_step=500,
+             precision='bf16', sample_every=500, ckpt_every=500, log_every=100, max_keep=1, dataset_name='imagenet', resolution=64, label_dim=1000)
+_IN64_GAN = dict(_IN64, steps=200_000, gan_classifier=True, gen_cls_loss_weight=3e-3, cls_loss_weight=1e-2, diffusion_gan=True,
+                 diffusion_gan_max_timestep=1000)
+DMD2_PRESETS = {  # the published configurations; --batch is global (the reference's per-process batch x its processes)
+    'cifar10': dict(batch=128, seed=0, steps=1_000_000, generator_lr=2e-6, guidance_lr=2e-6, dfake_gen_update_ratio=5, warmup_step=500,
+                    precision='fp32', sample_every=100, ckpt_every=100, log_every=100, fid_every=1000, fid_samples=10_000,
+                    dataset_name='cifar10-vp'),  # the CIFAR-10 port's README (1 GPU, batch 128; its train_iters/log_iters/fid_iters defaults)
+    'imagenet64': _IN64,  # imagenet_lr2e-6_scratch.sh: 7 GPUs x 40, DM loss only (FID 2.61 at ~405k iterations)
+    'imagenet64-gan': _IN64_GAN,  # imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh (FID 1.51 at ~200k)
+    'imagenet64-finetune': dict(_IN64_GAN, steps=140_000, generator_lr=5e-7, guidance_lr=5e-7),  # ..._lr5e-7_resume.sh with --ckpt_only_path (1.28)
+}
+
+DMD2_ALIASES = tuple(a for a in COMMON_ALIASES if a.name != 'use_fp16') + (
+    Alias('use_fp16', 'precision', lambda v, ws: 'bf16' if v else 'fp32', str2bool, "DMD2's --use_fp16 meant bf16 autocast"),
+    Alias('batch_size', 'batch', lambda v, ws: check_positive('--batch_size', v) * ws, int, 'per process, as in the reference trainer'),
+    Alias('train_iters', 'steps'),
+    Alias('log_iters', ('sample_every', 'ckpt_every'), note='grids and checkpoints on one cadence, as in DMD2'),
+    Alias('wandb_iters', 'log_every', note="DMD2's metrics cadence"),
+    Alias('teacher_model_path', 'teacher'), Alias('model_id', 'teacher', note="DMD2's name"),
+    Alias('initialie_generator', 'initialize_generator', type=str2bool, note="DMD2's spelling"),
+    Alias('max_checkpoint', 'cache_keep', note='as in DMD2, it only rotates the --cache_dir copies'),
+    Alias('delete_ckpts', 'max_keep', lambda v, ws: 1 if v else 0, str2bool, 'true: --max_keep 1, false: keep all'),
+    Alias('checkpoint_path', 'resume', note='the checkpoint folder to continue from'),
+    Alias('ref_path', 'fid_ref'), Alias('detector_url', 'fid_detector'), Alias('fid_iters', 'fid_every'),
+    Alias('total_eval_samples', 'fid_samples'), Alias('num_workers', 'workers'))
 
 # %% ../nbs/30_dmd2.ipynb #ad044fc7
 def save_image_grid(rows: list[torch.Tensor], path, ncol: int | None = None):
@@ -421,10 +512,6 @@ def save_image_grid(rows: list[torch.Tensor], path, ncol: int | None = None):
     im = Image.fromarray(img[..., 0] if C == 1 else img)
     with atomic_write(path, 'wb') as f: im.save(f, format='PNG')
     return img
-
-def rotate_checkpoints(folder, keep: int):
-    "Keep only the newest `keep` complete checkpoints (`step-*`) in `folder` (the engine's `callbacks.rotate_checkpoints`: `.del-*` renames, I/O errors named)."
-    _rotate(folder, keep)
 
 def copy_checkpoint(src: Path, # a complete checkpoint folder
                     cache_dir: str | Path, # destination parent (`--cache_dir`)
@@ -446,27 +533,28 @@ def _real_batch(batch, device, label_dim):
     img, lab = (batch['images'], batch.get('class_labels')) if isinstance(batch, dict) else (batch[0], batch[1] if len(batch) > 1 else None)
     return img.to(device).float(), one_hot_labels(lab.to(device).reshape(-1) if lab is not None else None, label_dim)
 
-def dmd2_steps(model: DMD2, cfg: DMD2Config) -> list[TrainStep]:
+def dmd2_steps(model: DMD2, cfg: DMD2Config, batch: int | None = None) -> list[TrainStep]: # the model, its config, per-process batch (default: cfg.batch)
     "The generator and guidance `TrainStep`s of one DMD2 iteration."
-    def gen_loss(learn, batch):
+    batch = batch or cfg.batch
+    def gen_loss(learn, _):
         k = shared_step_index(len(model.student_sigmas), cfg.seed, learn.step) if len(model.student_sigmas) > 1 else 0
-        z, y = model.sample_latents(cfg.batch_size, learn.device)
+        z, y = model.sample_latents(batch, learn.device)
         x = model.generate(z, y, k, G=learn.models['generator'])
-        out = model.generator_turn(x, y)
+        out = model.generator_turn(x, y, measure_gan=learn.step % cfg.log_every == 0)  # the GAN gradient norm: on logging steps only
         learn.scratch['dmd2/x'] = (x.detach(), y)  # this iteration's sample, for the fake-score step
         learn.log(student_step=k, **{n: out[n] for n in ('grad_norm_x_dm', 'grad_norm_x_gan', 'gen_cls_weight') if n in out})
         terms = {'dm': out['loss_dm']}
         if 'loss_gen_cls' in out: terms['gen_cls'] = out['gen_cls_weight'] * out['loss_gen_cls']
         return terms
 
-    def guidance_loss(learn, batch):
+    def guidance_loss(learn, batch_):
         cached = learn.scratch.get('dmd2/x')  # absent on iterations without a generator turn (ratio > 1)
         if cached is not None: x, y = cached
         else:
             k = shared_step_index(len(model.student_sigmas), cfg.seed, learn.step) if len(model.student_sigmas) > 1 else 0
-            z, y = model.sample_latents(cfg.batch_size, learn.device)
+            z, y = model.sample_latents(batch, learn.device)
             with torch.no_grad(): x = model.generate(z, y, k)
-        real, real_y = _real_batch(batch, learn.device, model.label_dim) if model.gan_classifier else (None, None)
+        real, real_y = _real_batch(batch_, learn.device, model.label_dim) if model.gan_classifier else (None, None)
         out = model.guidance_turn(x, y, real, real_y, guidance=learn.models['guidance'])
         terms = {'fake': out['loss_fake']}
         if 'loss_cls' in out:
@@ -483,80 +571,158 @@ def dmd2_steps(model: DMD2, cfg: DMD2Config) -> list[TrainStep]:
             TrainStep('guidance', guidance_loss, opt_d, every=1, clip=clip, sched=torch.optim.lr_scheduler.LambdaLR(opt_d, warm(1)))]
 
 # %% ../nbs/30_dmd2.ipynb #f3572cad
-class DMD2Monitor(Callback):
-    "Memory estimate, console logs, image grids, checkpoints with rotation and FID for a DMD2 `Learner`."
-    order = 50
-    def __init__(self, model: DMD2, cfg: DMD2Config, fid_fn=None, log_fn=print):
-        self.model, self.cfg, self.fid_fn, self.log_fn = model, cfg, fid_fn, log_fn
+class DMD2Grid(Callback):
+    "Memory estimate at the start; every `every` iterations a diagnostic grid in run_dir/grids: generator samples, real- and fake-score predictions."
+    order = 35
+    def __init__(self, model: DMD2, every: int, n: int = 16, log_fn=print, folder: str = 'grids'):
+        self.model, self.every, self.log_fn, self.folder = model, every, log_fn, folder
         g = torch.Generator().manual_seed(1234)
-        self.vis_z = torch.randn(cfg.grid_samples, model.img_channels, model.img_resolution, model.img_resolution, generator=g)
-        self.vis_y = torch.arange(cfg.grid_samples) % max(model.label_dim, 1)
-        self.history = []
+        self.vis_z = torch.randn(n, model.img_channels, model.img_resolution, model.img_resolution, generator=g)
+        self.vis_y = torch.arange(n) % max(model.label_dim, 1)
 
-    def run_outputs(self, learn) -> list[str]: return ['grids']
+    def run_outputs(self, learn) -> list[str]: return [self.folder]
     def before_fit(self, learn):
-        self.t0, self.n0 = time.time(), learn.step
-        if learn.is_main and self.cfg.cache_dir: clean_leftovers(self.cfg.cache_dir)
+        self.n0 = learn.step
         if learn.is_main: self.log_fn(format_memory_estimate(memory_estimate(self.model)))
 
     @torch.no_grad()
-    def save_grid(self, learn):
-        "Grid rows: generator samples, real-score and fake-score predictions at σ = 2.5 (RNG of training untouched)."
+    def rows(self, learn) -> list[torch.Tensor]:
+        "Generator samples, real-score and fake-score predictions at σ = 2.5 (the training RNG untouched)."
         m, dev = self.model, learn.device
         with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
             torch.manual_seed(0)
             z, y = self.vis_z.to(dev), one_hot_labels(self.vis_y.to(dev), m.label_dim)
             x = few_step_sample(m.generator, z, y, m.student_sigmas)
             s = torch.full((z.shape[0],), 2.5, device=dev); x_t = x + 2.5 * torch.randn_like(x)
-            rows = [x, m.real(x_t, s, y), m.fake(x_t, s, y)]
-        f = Path(self.cfg.output_path) / 'grids' / f'grid_{learn.step:08d}.png'
-        with write_guard(f, 'the image grid', Path(self.cfg.output_path) / 'checkpoints'): img = save_image_grid(rows, f)
-        learn.images['samples_real_fake'] = img
+            return [x, m.real(x_t, s, y), m.fake(x_t, s, y)]
 
-    def save_files(self, folder):
-        "Overwrite the checkpoint's generator file with one that carries the sampler metadata."
-        save_network(self.model.generator, Path(folder) / 'generator.safetensors',
-                     meta={'sampler': self.model.sampler_meta, 'method': 'dmd2', 'step': self._step})
+    def save(self, learn):
+        f = learn.run_dir / self.folder / f'grid_{learn.step:08d}.png'
+        with write_guard(f, 'the image grid', learn.run_dir / 'checkpoints'): learn.images['samples_real_fake'] = save_image_grid(self.rows(learn), f)
 
     def after_step(self, learn):
-        cfg, step = self.cfg, learn.step
-        logs = {k: (float(v) if isinstance(v, (torch.Tensor, float, int)) else v) for k, v in learn.logs.items()}
-        logs['step'] = step; self.history.append(logs)
-        if step == self.n0 + 3 and learn.device.type == 'cuda' and learn.is_main:
+        if learn.step == self.n0 + 3 and learn.device.type == 'cuda' and learn.is_main:
             self.log_fn(f'measured peak GPU memory {torch.cuda.max_memory_allocated(learn.device)/2**30:.2f} GiB')
-        if step % cfg.log_iters == 0 or step == learn.n_steps:
-            logs['images_per_s'] = (step - self.n0) * cfg.batch_size * learn.world_size / max(time.time() - self.t0, 1e-9)
-            if learn.is_main:
-                self.log_fn(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in logs.items()))
-                self.save_grid(learn)
-            self._step = step
-            path = Path(cfg.output_path) / 'checkpoints' / f'step-{step:08d}'
-            learn.save_checkpoint(path)  # collective
-            if learn.is_main:
-                rotate_checkpoints(path.parent, 1 if cfg.delete_ckpts else cfg.max_checkpoint)
-                if cfg.cache_dir: copy_checkpoint(path, cfg.cache_dir, cfg.max_checkpoint)
-        if self.fid_fn is not None and learn.is_main and step % (cfg.fid_iters or cfg.log_iters) == 0:
-            fid = float(self.fid_fn(self.model)); learn.log(fid=fid); logs['fid'] = fid; self.log_fn(f'step {step}: FID {fid:.3f}')
+        if self.every and learn.step % self.every == 0 and learn.is_main and learn.run_dir is not None: self.save(learn)
 
-def default_callbacks(model: DMD2, cfg: DMD2Config, fid_fn=None, log_fn=print, monitor=None) -> list:
-    "DMD2Monitor + metrics.jsonl logger (+ W&B when `cfg.wandb_project` is set)."
-    cbs = [(monitor or DMD2Monitor)(model, cfg, fid_fn, log_fn), MetricsLogger(every=max(1, min(cfg.log_iters, 100)))]
-    if cfg.wandb_project:
-        cbs.append(WandbLogger(project=cfg.wandb_project, name=cfg.wandb_name, entity=cfg.wandb_entity, every=max(1, min(cfg.log_iters, 100))))
-    return cbs
+class CacheCopy(Callback):
+    "Copy each new checkpoint of the `Checkpointer` into `cache_dir` (DMD2's `--cache_dir`), keeping the newest `keep` copies."
+    order = 75  # after the Checkpointer (70)
+    def __init__(self, cache_dir, keep: int): self.cache_dir, self.keep, self.copied = Path(cache_dir), keep, None
+    def before_fit(self, learn):
+        if learn.is_main: clean_leftovers(self.cache_dir)
+    def copy(self, learn):
+        ck = next((c for c in learn.cbs if isinstance(c, Checkpointer)), None)
+        if ck is None or not learn.is_main or ck.last_saved is None or ck.last_saved == self.copied: return
+        copy_checkpoint(ck.ckpt_dir / f'step-{ck.last_saved:08d}', self.cache_dir, self.keep); self.copied = ck.last_saved
+    def after_step(self, learn): self.copy(learn)
+    def after_fit(self, learn): self.copy(learn)
 
-def dmd2_learner(model: DMD2, cfg: DMD2Config, real_dataset=None, fid_fn=None, log_fn=print, cbs: list | None = None) -> Learner:
-    "A `Learner` running DMD2 on `model` (real images only needed by the GAN head)."
-    dl = ResumableLoader(real_dataset, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, drop_last=True) \
-         if real_dataset is not None else None
-    dcbs = default_callbacks(model, cfg, fid_fn, log_fn); mon = dcbs[0]
-    learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, cfg), dl,
-                    cbs=dcbs + list(cbs or []), device=cfg.device, amp='bf16' if cfg.use_fp16 else None,
-                    run_dir=cfg.output_path, config={k: v for k, v in asdict(cfg).items() if k != 'overwrite'}, batch_size=cfg.batch_size,
-                    overwrite=cfg.overwrite,
-                    ddp_kwargs={'find_unused_parameters': True})  # EDM nets carry unused params (map_augment)
-    learn.monitor = mon
+class StartAt(Callback):
+    "Start a fresh run's step counter at `step` (DMD2's `--ckpt_only_path`: weights of step N, fresh optimisers); a resumed run keeps its own."
+    order = 0
+    def __init__(self, step: int): self.step = step
+    def before_fit(self, learn):
+        if learn.resume_dir is None: learn.step = self.step
+
+# %% ../nbs/30_dmd2.ipynb #bd1f6ba4
+def check_real_data(real, model: DMD2, path: str): # the real-image dataset, the model, its --real_image_path
+    "A real-image dataset that fits the teacher: same image shape, labels within the teacher's classes; else a `UserError` naming both."
+    want = (model.img_channels, model.img_resolution, model.img_resolution)
+    if tuple(real.image_shape) != want:
+        raise UserError(f'--real_image_path {path}: images are {"x".join(map(str, real.image_shape))}, '
+                        f'but the teacher makes {"x".join(map(str, want))} images')
+    if model.label_dim and real.label_dim > model.label_dim:
+        raise UserError(f'--real_image_path {path}: labels span {real.label_dim} classes, but the teacher has label_dim {model.label_dim}')
+
+def make_dmd2(cfg: DMD2Config, teacher: nn.Module | None = None) -> DMD2: # teacher: an in-memory module instead of --teacher
+    "The DMD2 model of a config: teacher (checked against --label_dim/--resolution/--dataset_name) and generator (teacher copy or consistency model)."
+    if teacher is None:
+        if not cfg.teacher: raise UserError('--teacher (or --teacher_model_path / --model_id) is required: the EDM teacher to distil')
+        teacher = load_network(cfg.teacher, 'cpu')
+    src = cfg.teacher or 'the teacher'
+    ld, res = int(getattr(teacher, 'label_dim', 0) or 0), int(teacher.img_resolution)
+    if cfg.label_dim is not None and cfg.label_dim != ld: raise UserError(f'--label_dim {cfg.label_dim} does not match the teacher {src} (label_dim {ld})')
+    if cfg.resolution is not None and cfg.resolution != res: raise UserError(f'--resolution {cfg.resolution} does not match the teacher {src} ({res}px)')
+    if cfg.dataset_name is not None and (res, ld) != DATASETS[cfg.dataset_name] and ld != 0:
+        print(f'note: the teacher {src} is {res}px with label_dim {ld}, not the --dataset_name {cfg.dataset_name} setting '
+              f'({DATASETS[cfg.dataset_name][0]}px, {DATASETS[cfg.dataset_name][1]} classes); the teacher\'s values are used')
+    generator = None
+    if cfg.consistency_model_path:
+        generator = load_network(cfg.consistency_model_path, 'cpu')
+        if (generator.img_resolution, generator.img_channels) != (teacher.img_resolution, teacher.img_channels):
+            raise UserError(f'--consistency_model_path {cfg.consistency_model_path}: {generator.img_channels}x{generator.img_resolution}px, '
+                            f'but the teacher is {teacher.img_channels}x{teacher.img_resolution}px')
+    return DMD2(teacher, generator, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps,
+                sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, min_step_percent=cfg.min_step_percent,
+                max_step_percent=cfg.max_step_percent, sigma_data=cfg.sigma_data, guidance_scale=cfg.guidance_scale,
+                gan_classifier=cfg.gan_classifier, cls_hidden_channels=cfg.cls_hidden_channels,
+                gen_cls_loss_weight=cfg.gen_cls_loss_weight, cls_loss_weight=cfg.cls_loss_weight,
+                diffusion_gan=cfg.diffusion_gan, diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep,
+                student_sigmas=_sigma_list(cfg.student_sigmas), gan_grad_ratio=cfg.gan_grad_ratio)
+
+def load_start_weights(model: DMD2, cfg: DMD2Config, log_fn=print) -> int:
+    "Weights from --ckpt_only_path (generator + fake score, returns the step N of its folder name) or --generator_ckpt_path (returns 0)."
+    if cfg.ckpt_only_path:
+        p = Path(cfg.ckpt_only_path)
+        check_file(p / 'generator.safetensors', '--ckpt_only_path', 'a checkpoint folder step-N holding generator.safetensors')
+        try: step = int(p.name.split('-')[-1].split('_')[-1])
+        except ValueError: raise UserError(f'--ckpt_only_path {p}: expected a folder named step-N (N = the step to restart from)') from None
+        load_module_state(model.generator, p / 'generator.safetensors'); load_module_state(model.guidance, p / 'guidance.safetensors', strict=False)
+        log_fn(f'weights from {p} (fresh optimisers), starting at step {step}'); return step
+    if cfg.generator_ckpt_path:
+        p = Path(cfg.generator_ckpt_path); p = p / 'generator.safetensors' if p.is_dir() else p
+        load_module_state(model.generator, check_file(p, '--generator_ckpt_path', 'a generator .safetensors or a checkpoint folder'))
+        log_fn(f'generator initialised from {p}')
+    return 0
+
+def dmd2_sample(model: DMD2):
+    "`sample(learn, seeds)` for grids and FID: per-seed noise (EDM's convention), class s mod label_dim, the student's σ schedule."
+    def sample(learn, seeds):
+        G, dev, r = learn.unwrapped('generator'), learn.device, model.img_resolution
+        rnd = StackedRandomGenerator(dev, seeds)
+        z = rnd.randn([len(seeds), model.img_channels, r, r])
+        y = one_hot_labels(torch.tensor(seeds, device=dev) % model.label_dim, model.label_dim) if model.label_dim else None
+        return few_step_sample(G, z, y, model.student_sigmas, noise_fn=rnd.randn_like).float().clamp(-1, 1)
+    return sample
+
+def build_dmd2(cfg: DMD2Config, info, # a checked config, the process (`learner.DistInfo`)
+               model: nn.Module | None = None, # an in-memory `DMD2`, or a teacher module, instead of --teacher
+               log_fn=print) -> RunParts:
+    "Networks, steps, real data (GAN head only), sampler, final file and callbacks of a DMD2 run; `run.run_training` does the rest."
+    log = log_fn if info.is_main else (lambda s: None)
+    model = (model if isinstance(model, DMD2) else make_dmd2(cfg, model)).to(info.device)
+    start = load_start_weights(model, cfg, log)
+    data = None
+    if model.gan_classifier:
+        from distill_nb.data.lmdb_dataset import LMDBDataset
+        real = LMDBDataset(cfg.real_image_path); check_real_data(real, model, cfg.real_image_path)
+        data = run_loader(cfg, info, real, drop_last=True)
+    cbs = [DMD2Grid(model, cfg.sample_every, cfg.grid_samples, log)] + ([CacheCopy(cfg.cache_dir, cfg.cache_keep)] if cfg.cache_dir else [])
+    if start: cbs.append(StartAt(start))
+    lb = cfg.local_batch(info.world_size)
+    return RunParts(models={'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance},
+                    steps=dmd2_steps(model, cfg, lb), data=data, sample=dmd2_sample(model),
+                    final={'network-final.safetensors': ('generator', model.sampler_meta)}, ema='generator', label_dim=model.label_dim,
+                    callbacks=cbs, record={'img_shape': [model.img_channels, model.img_resolution, model.img_resolution],
+                                           'label_dim': model.label_dim, 'sampler': model.sampler_meta},
+                    learner_kwargs={'ddp_kwargs': {'find_unused_parameters': True},  # EDM nets carry unused params (map_augment)
+                                    'batch_size': lb})
+
+def train_dmd2(cfg: DMD2Config, # a `DMD2Config`
+               cbs=(), # extra callbacks
+               model: nn.Module | None = None, # an in-memory `DMD2` (or teacher module) instead of --teacher
+               log_fn=print) -> Learner: # where the run's notices go (rank 0)
+    "Run DMD2 training (Yin et al. 2024): the plain Python entry behind `dmd2_train`; `learn.dmd2` is the trained `DMD2`."
+    learn = run_training(cfg, partial(build_dmd2, model=model, log_fn=log_fn), cbs, log=log_fn)
+    learn.dmd2 = next(c.model for c in learn.parts.callbacks if isinstance(c, DMD2Grid))
     return learn
+
+# %% ../nbs/30_dmd2.ipynb #aa23741c
+@config_cli(DMD2Config, aliases=DMD2_ALIASES, presets=DMD2_PRESETS)
+def dmd2_train(cfg: DMD2Config):
+    "Distil an EDM teacher into a one-step (or few-step) generator with DMD2 (Yin et al. 2024)."
+    train_dmd2(cfg)
 
 # %% ../nbs/30_dmd2.ipynb #025ee200
 class DMDGenerator:
@@ -602,201 +768,3 @@ def display_samples(images: torch.Tensor, # [-1, 1] images
         if i < n: ax.imshow(u[i, ..., 0] if u.shape[-1] == 1 else u[i], cmap='gray' if u.shape[-1] == 1 else None)
     if title: fig.suptitle(title)
     return fig
-
-# %% ../nbs/30_dmd2.ipynb #bd1f6ba4
-DATASETS = {'cifar10': (32, 10), 'cifar10-vp': (32, 10), 'imagenet': (64, 1000)}
-
-def _int_flag(flag: str, v, allow_zero: bool = False) -> int:
-    if isinstance(v, bool) or not isinstance(v, int): raise UserError(f'{flag}: expected an integer, got {v!r}')
-    return check_positive(flag, v, allow_zero)
-
-def check_dmd2_config(cfg: DMD2Config) -> DMD2Config:
-    "Flag checks of a DMD2 run (named as on the command line): a `UserError` before anything is loaded or written."
-    for f in ('batch_size', 'train_iters', 'log_iters', 'dfake_gen_update_ratio', 'num_train_timesteps', 'cls_hidden_channels',
-              'max_checkpoint', 'fid_samples', 'grid_samples'): _int_flag(f'--{f}', getattr(cfg, f))
-    for f in ('warmup_step', 'num_workers', 'diffusion_gan_max_timestep'): _int_flag(f'--{f}', getattr(cfg, f), allow_zero=True)
-    if cfg.fid_iters is not None: _int_flag('--fid_iters', cfg.fid_iters)
-    for f in ('generator_lr', 'guidance_lr', 'sigma_min', 'sigma_max', 'sigma_data', 'rho', 'conditioning_sigma'): check_positive(f'--{f}', getattr(cfg, f))
-    for f in ('max_grad_norm', 'guidance_scale', 'gen_cls_loss_weight', 'cls_loss_weight'): check_positive(f'--{f}', getattr(cfg, f), allow_zero=True)
-    if cfg.gan_grad_ratio is not None: check_positive('--gan_grad_ratio', cfg.gan_grad_ratio, allow_zero=True)
-    if cfg.label_dim is not None: _int_flag('--label_dim', cfg.label_dim, allow_zero=True)
-    check_range('--min_step_percent', cfg.min_step_percent, 0, 1, 'a fraction'); check_range('--max_step_percent', cfg.max_step_percent, 0, 1, 'a fraction')
-    if cfg.min_step_percent >= cfg.max_step_percent:
-        raise UserError(f'--min_step_percent {cfg.min_step_percent} must be below --max_step_percent {cfg.max_step_percent}')
-    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
-    check_range('--diffusion_gan_max_timestep', cfg.diffusion_gan_max_timestep, 0, cfg.num_train_timesteps, 'a grid index')
-    ss = cfg.student_sigmas
-    if ss is not None and (not ss or any(not s > 0 for s in ss) or any(a <= b for a, b in zip(ss, ss[1:]))):
-        raise UserError(f'--student_sigmas: expected a decreasing list of positive noise levels, e.g. 80,1.5; got {ss}')
-    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
-    return cfg
-
-def check_real_data(real, model: DMD2, path: str): # the real-image dataset, the model, its --real_image_path
-    "A real-image dataset that fits the teacher: same image shape, labels within the teacher's classes; else a `UserError` naming both."
-    want = (model.img_channels, model.img_resolution, model.img_resolution)
-    if tuple(real.image_shape) != want:
-        raise UserError(f'--real_image_path {path}: images are {"x".join(map(str, real.image_shape))}, '
-                        f'but the teacher makes {"x".join(map(str, want))} images')
-    if model.label_dim and real.label_dim > model.label_dim:
-        raise UserError(f'--real_image_path {path}: labels span {real.label_dim} classes, but the teacher has label_dim {model.label_dim}')
-
-def build_dmd2(cfg: DMD2Config, initialize_generator: bool = True) -> DMD2:
-    "Teacher, generator and DMD2 model from a config."
-    if not cfg.teacher_model_path: raise UserError('--teacher_model_path (or --model_id) is required: the EDM teacher to distil')
-    teacher = load_network(cfg.teacher_model_path, 'cpu')
-    ld = int(getattr(teacher, 'label_dim', 0) or 0)
-    if cfg.label_dim is not None and cfg.label_dim != ld:
-        raise UserError(f'--label_dim {cfg.label_dim} does not match the teacher {cfg.teacher_model_path} (label_dim {ld})')
-    generator = None
-    if cfg.consistency_model_path:
-        generator = load_network(cfg.consistency_model_path, 'cpu')
-        if (generator.img_resolution, generator.img_channels) != (teacher.img_resolution, teacher.img_channels):
-            raise UserError(f'--consistency_model_path {cfg.consistency_model_path}: {generator.img_channels}x{generator.img_resolution}px, '
-                             f'but the teacher is {teacher.img_channels}x{teacher.img_resolution}px')
-    elif not initialize_generator and not cfg.generator_ckpt_path:
-        raise UserError('the generator must be initialised from the teacher: pass --initialie_generator (or --initialize_generator), '
-                         'or give --consistency_model_path / --generator_ckpt_path')
-    return DMD2(teacher, generator, conditioning_sigma=cfg.conditioning_sigma, num_train_timesteps=cfg.num_train_timesteps,
-                sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho, min_step_percent=cfg.min_step_percent,
-                max_step_percent=cfg.max_step_percent, sigma_data=cfg.sigma_data, guidance_scale=cfg.guidance_scale,
-                gan_classifier=cfg.gan_classifier, cls_hidden_channels=cfg.cls_hidden_channels,
-                gen_cls_loss_weight=cfg.gen_cls_loss_weight, cls_loss_weight=cfg.cls_loss_weight,
-                diffusion_gan=cfg.diffusion_gan, diffusion_gan_max_timestep=cfg.diffusion_gan_max_timestep,
-                student_sigmas=cfg.student_sigmas, gan_grad_ratio=cfg.gan_grad_ratio).to(get_device(cfg.device))
-
-def fid_callback(cfg: DMD2Config):
-    "FID of the current generator (`metrics.compute_metrics`) when --ref_path and --detector_url are both given, else None."
-    if not (cfg.ref_path and cfg.detector_url):
-        print('FID is off (pass both --ref_path and --detector_url to compute FID during training)'); return None
-    from distill_nb.metrics import compute_metrics, load_detector
-    det = load_detector(cfg.detector_url, get_device(cfg.device))
-    def fid(model: DMD2) -> float:
-        gen = DMDGenerator(model.generator, device=cfg.device); gen.sigmas = list(model.student_sigmas)
-        seeds = list(range(cfg.fid_samples))
-        lab = lambda s: [i % model.label_dim for i in s] if model.label_dim else None
-        batches = (gen.generate_batch(seeds[i:i + cfg.batch_size], lab(seeds[i:i + cfg.batch_size])) for i in range(0, len(seeds), cfg.batch_size))
-        res = compute_metrics(batches, ref=cfg.ref_path, detector=det, metrics=('fid',), device=get_device(cfg.device))
-        return next(v for k, v in res.items() if k.startswith('fid'))
-    return fid
-
-def train_dmd2(cfg: DMD2Config, initialize_generator: bool = True, log_fn=print) -> Learner:
-    "Run DMD2 training from a config (the plain, tested function behind `dmd2_train`)."
-    from distill_nb.learner import init_distributed
-    check_dmd2_config(cfg)
-    info = init_distributed(cfg.device)
-    cfg.device = str(info.device)
-    seed_everything(cfg.seed + info.rank)
-    model = build_dmd2(cfg, initialize_generator)
-    real = None
-    if cfg.gan_classifier:
-        if not cfg.real_image_path: raise UserError('--gan_classifier needs --real_image_path (an LMDB in DMD2 layout)')
-        from distill_nb.data.lmdb_dataset import LMDBDataset
-        real = LMDBDataset(cfg.real_image_path); check_real_data(real, model, cfg.real_image_path)
-    fid_fn = fid_callback(cfg) if info.is_main else None
-    learn = dmd2_learner(model, cfg, real, fid_fn, log_fn if info.is_main else (lambda s: None))
-    has_ckpt = bool(list_checkpoints(Path(cfg.output_path) / 'checkpoints'))
-    resume = cfg.checkpoint_path or ('auto' if cfg.resume else None)  # --resume: the newest checkpoint if any, else a fresh start
-    if resume is None and cfg.ckpt_only_path:
-        p = Path(cfg.ckpt_only_path)
-        check_file(p / 'generator.safetensors', '--ckpt_only_path', 'a checkpoint folder step-N holding generator.safetensors')
-        try: step = int(p.name.split('-')[-1].split('_')[-1])
-        except ValueError: raise UserError(f'--ckpt_only_path {p}: expected a folder named step-N (N = the step to restart from)') from None
-        load_module_state(model.generator, p / 'generator.safetensors'); load_module_state(model.guidance, p / 'guidance.safetensors', strict=False)
-        learn.step = step; log_fn(f'weights from {p} (fresh optimisers), starting at step {learn.step}')
-    elif resume is None and cfg.generator_ckpt_path:
-        p = Path(cfg.generator_ckpt_path); p = p / 'generator.safetensors' if p.is_dir() else p
-        load_module_state(model.generator, check_file(p, '--generator_ckpt_path', 'a generator .safetensors or a checkpoint folder'))
-        log_fn(f'generator initialised from {p}')
-    if cfg.checkpoint_path or (cfg.resume and has_ckpt): log_fn(f"resuming from {cfg.checkpoint_path or 'latest'}")
-    elif cfg.resume: log_fn(f"no checkpoint in {Path(cfg.output_path) / 'checkpoints'}: starting afresh")
-    learn.fit(cfg.train_iters, resume=resume)
-    return learn
-
-# %% ../nbs/30_dmd2.ipynb #aa23741c
-def _sigma_list(s: str | None) -> list[float] | None:
-    "`--student_sigmas '80,1.5'` as floats."
-    if not s: return None
-    try: return [float(v) for v in s.split(',')]
-    except ValueError: raise UserError(f'--student_sigmas: expected comma-separated numbers, e.g. 80,1.5; got {s!r}') from None
-
-@cli
-def dmd2_train(
-    teacher_model_path: str = None, # EDM teacher: EDM .pkl (path/URL) or distill_nb .safetensors
-    model_id: str = None, # alias of --teacher_model_path (DMD2's name)
-    consistency_model_path: str = None, # initialise the generator from this consistency model
-    output_path: str = 'dmd2_run', # run folder (config.json, checkpoints/, grids/)
-    batch_size: int = 40, # per-process batch
-    train_iters: int = 1000000, # total iterations (= guidance updates)
-    log_iters: int = 500, # log, grid and checkpoint every N iterations
-    seed: int = 10, # base seed (+rank)
-    generator_lr: float = 2e-6, # generator AdamW LR
-    guidance_lr: float = 2e-6, # fake score (+GAN head) AdamW LR
-    dfake_gen_update_ratio: int = 5, # guidance updates per generator update (TTUR)
-    warmup_step: int = 500, # linear LR warm-up iterations
-    max_grad_norm: float = 10., # gradient clipping of both groups (0 = off)
-    initialie_generator: store_true = False, # initialise the generator from the teacher (DMD2's spelling)
-    initialize_generator: store_true = False, # same, spelled correctly
-    num_train_timesteps: int = 1000, # Karras grid size for training σ
-    min_step_percent: float = 0.02, # lowest DM-loss grid fraction
-    max_step_percent: float = 0.98, # highest DM-loss grid fraction
-    sigma_max: float = 80., # Karras grid σ_max
-    sigma_min: float = 0.002, # Karras grid σ_min
-    sigma_data: float = 0.5, # σ_data of the fake-score loss weight
-    rho: float = 7., # Karras grid ρ
-    conditioning_sigma: float = 80., # generator input σ_g
-    label_dim: int = None, # checked against the teacher's
-    guidance_scale: float = 1., # classifier-free guidance of the real score (1 = off)
-    gan_classifier: store_true = False, # GAN head on the fake score's bottleneck
-    gen_cls_loss_weight: float = 0., # generator GAN loss weight (ImageNet: 3e-3)
-    cls_loss_weight: float = 1., # discriminator loss weight (ImageNet: 1e-2)
-    cls_hidden_channels: int = 768, # GAN head width
-    diffusion_gan: store_true = False, # noise real and fake inputs of the discriminator
-    diffusion_gan_max_timestep: int = 0, # diffusion-GAN σ index bound on the training grid
-    gan_grad_ratio: float = None, # instead of --gen_cls_loss_weight: GAN gradient norm at the image = ratio × DM's
-    student_sigmas: str = None, # few-step generator: decreasing σ list, e.g. '80,1.5' (backward simulation)
-    dataset_name: str = 'imagenet', # cifar10 | cifar10-vp | imagenet (checked against the teacher)
-    real_image_path: str = None, # LMDB of real images (needed by --gan_classifier)
-    num_workers: int = 2, # data-loader workers
-    max_checkpoint: int = 200, # keep the newest N checkpoints
-    delete_ckpts: store_true = False, # keep only the newest checkpoint
-    cache_dir: str = None, # also copy checkpoints here (rotated to --max_checkpoint)
-    checkpoint_path: str = None, # resume everything from this checkpoint folder
-    ckpt_only_path: str = None, # load network weights only (fresh optimisers)
-    generator_ckpt_path: str = None, # load the generator only (checkpoint folder or .safetensors)
-    resume: store_true = False, # resume from the newest checkpoint in --output_path
-    overwrite: store_true = False, # replace a previous run in --output_path (its checkpoints, metrics and grids)
-    use_fp16: store_true = False, # bf16 autocast (DMD2's --use_fp16 meant bf16)
-    device: str = None, # cpu, cuda, ... (default: cuda if available)
-    ref_path: str = None, # FID reference statistics (.npz); FID is on with --detector_url
-    detector_url: str = None, # FID detector weights (path)
-    fid_iters: int = None, # FID every N iterations (default: --log_iters)
-    fid_samples: int = 10000, # images per FID
-    wandb_project: str = None, # W&B project (off without one)
-    wandb_entity: str = None, # W&B entity
-    wandb_name: str = None, # W&B run name
-):
-    "Distil an EDM teacher into a one-step generator with DMD2 (Yin et al. 2024)."
-    if dataset_name not in DATASETS: raise UserError(f'--dataset_name: expected one of {sorted(DATASETS)}, got {dataset_name!r}')
-    cfg = DMD2Config(teacher_model_path=teacher_model_path or model_id, consistency_model_path=consistency_model_path,
-                     output_path=output_path, batch_size=batch_size, train_iters=train_iters, log_iters=log_iters, seed=seed,
-                     generator_lr=generator_lr, guidance_lr=guidance_lr, dfake_gen_update_ratio=dfake_gen_update_ratio,
-                     warmup_step=warmup_step, max_grad_norm=max_grad_norm, num_train_timesteps=num_train_timesteps,
-                     min_step_percent=min_step_percent, max_step_percent=max_step_percent, sigma_max=sigma_max, sigma_min=sigma_min,
-                     sigma_data=sigma_data, rho=rho, conditioning_sigma=conditioning_sigma, label_dim=label_dim,
-                     guidance_scale=guidance_scale, gan_classifier=gan_classifier, gen_cls_loss_weight=gen_cls_loss_weight,
-                     cls_loss_weight=cls_loss_weight, cls_hidden_channels=cls_hidden_channels, diffusion_gan=diffusion_gan,
-                     diffusion_gan_max_timestep=diffusion_gan_max_timestep, gan_grad_ratio=gan_grad_ratio,
-                     student_sigmas=_sigma_list(student_sigmas),
-                     real_image_path=real_image_path, num_workers=num_workers, max_checkpoint=max_checkpoint,
-                     delete_ckpts=delete_ckpts, cache_dir=cache_dir, checkpoint_path=checkpoint_path, ckpt_only_path=ckpt_only_path,
-                     generator_ckpt_path=generator_ckpt_path, resume=resume, overwrite=overwrite, use_fp16=use_fp16, device=device, ref_path=ref_path,
-                     detector_url=detector_url, fid_iters=fid_iters, fid_samples=fid_samples, wandb_project=wandb_project,
-                     wandb_entity=wandb_entity, wandb_name=wandb_name)
-    check_dmd2_config(cfg)  # before the teacher is read
-    res, ld = DATASETS[dataset_name]
-    if cfg.teacher_model_path and Path(str(cfg.teacher_model_path)).is_file():
-        t = load_network(cfg.teacher_model_path, 'cpu')
-        if t.img_resolution != res or int(getattr(t, 'label_dim', 0) or 0) not in (0, ld):
-            print(f'note: the teacher {cfg.teacher_model_path} is {t.img_resolution}px with label_dim {getattr(t, "label_dim", 0)}, '
-                  f'not the --dataset_name {dataset_name} setting ({res}px, {ld} classes); the teacher\'s values are used')
-    train_dmd2(cfg, initialize_generator=bool(initialie_generator or initialize_generator))
