@@ -65,6 +65,8 @@ class RunConfig:
     workers: int = 0  # DataLoader worker processes
     wandb: Literal['disabled', 'online', 'offline'] = 'disabled'  # Weights & Biases mode
     wandb_project: str = 'distill_nb'  # Weights & Biases project
+    wandb_entity: str | None = None  # Weights & Biases entity (team or user)
+    wandb_name: str | None = None  # Weights & Biases run name
     progress: bool = True  # show a progress bar
 
     def check(self, world_size: int = 1): # number of processes the batch is split over
@@ -87,6 +89,13 @@ class RunConfig:
         if self.steps is not None: return int(self.steps)
         if self.kimg is not None: return max(1, round(self.kimg * 1000 / self.batch))
         return 1000
+
+    def warn_mimg_ema(self):
+        "Warn when `--ema` looks like the reference trainers' millions of images (EDM, GDD: `--ema 0.5`) rather than this package's thousands."
+        if 0 < self.ema < 1:
+            import warnings
+            warnings.warn(f'--ema {self.ema:g}: the EMA half-life is in thousands of images (kimg) here, so this is {self.ema * 1000:g} images; '
+                          f'the reference trainers\' --ema is in millions: for their {self.ema:g} write --ema {self.ema * 1000:g}', stacklevel=2)
 
     def local_batch(self, world_size: int = 1) -> int:
         "The batch each process takes: `batch / world_size`."
@@ -159,13 +168,17 @@ def _flag_kwargs(cls, name: str, help: str, default=dataclasses.MISSING, typ=Non
     if ch is not None and typ is None: kw['choices'] = ch
     return kw
 
+class _OneLineParser(argparse.ArgumentParser):
+    "An argparse parser whose errors are `UserError`s (one line under `@cli`: `prog: error: ...`, exit 2), not a usage dump."
+    def error(self, message): raise UserError(message)
+
 def config_parser(cls: type, # a dataclass, usually extending `RunConfig`
                   aliases: tuple = (), # `Alias`es accepted besides the field names
                   presets: dict | None = None, # named sets of field values for `--preset`
                   prog: str | None = None, # program name
                   description: str | None = None) -> argparse.ArgumentParser:
     "An `argparse` parser whose flags are the fields of `cls` and their aliases; unset flags stay absent."
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    p = _OneLineParser(prog=prog, description=description, allow_abbrev=False)
     docs = field_docs(cls)
     for f in fields(cls):
         p.add_argument(f'--{f.name}', **_flag_kwargs(cls, f.name, docs.get(f.name, ''), f.default))

@@ -444,8 +444,6 @@ class DMD2Config(RunConfig):
     label_dim: int | None = None  # number of classes, checked against the teacher
     cache_dir: str | None = None  # also copy every checkpoint into this folder
     cache_keep: int = 200  # copies kept in --cache_dir (DMD2's --max_checkpoint, which only acted on --cache_dir)
-    wandb_entity: str | None = None  # W&B entity (accepted for the reference command lines)
-    wandb_name: str | None = None  # W&B run name (accepted for the reference command lines)
 
     def check(self, world_size: int = 1): # processes the batch is split over
         "The shared checks, then DMD2's own; a `UserError` names the flag."

@@ -4,22 +4,24 @@
 
 # %% ../nbs/22_edm_train.ipynb #73f5ffcf
 from __future__ import annotations
-import math
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 import torch
-from fastcore.script import Param, store_true
-from .core import seed_everything, from_uint8, in_test, UserError, check_positive, check_range, check_divisible, one_hot_labels
+from .core import from_uint8, in_test, unwrap_model, UserError, check_positive, check_range, one_hot_labels
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool, make_config, world_size_from_env
+from .run import RunParts, run_training, run_loader
 from .losses import edm_weight, edm_sample_sigma
-from .learner import (Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, save_module, write_guard)
-from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, SampleGrid
+from .learner import Learner, TrainStep, make_optimizer
 from .precond import EDMPrecond
 import distill_nb.networks  # registers SongUNet / DhariwalUNet
 from .samplers import generate_images
 from .toydata import ToyShapes, TOY_CLASSES
-from .core import cli
 
 # %% auto #0
-__all__ = ['EDM_PRESETS', 'edm_loss', 'edm_network', 'edm_dataset', 'train_edm', 'edm_train']
+__all__ = ['EDM_PRESETS', 'EDM_ALIASES', 'EDM_TRAIN_PRESETS', 'edm_loss', 'edm_network', 'edm_dataset', 'ticks_to_steps',
+           'EDMTrainConfig', 'resolve_values', 'edm_config', 'seed_latents', 'build_edm', 'train_edm', 'edm_train']
 
 # %% ../nbs/22_edm_train.ipynb #a30f8613
 def edm_loss(net, # denoiser D(x, sigma, class_labels)
@@ -64,140 +66,155 @@ def edm_dataset(data: str = 'toy', # 'toy' or a dataset path (EDM zip/folder, im
     return open_dataset(data)
 
 # %% ../nbs/22_edm_train.ipynb #2523b7f3
-def _duration(steps, kimg, batch) -> int:
-    if (steps is None) == (kimg is None): raise UserError('give exactly one of --steps or --kimg')
-    if steps is not None: return _int_flag('--steps', steps)
-    return max(1, math.ceil(check_positive('--kimg', kimg) * 1000 / batch))
+def _int_list(flag: str, s: str | None) -> list[int] | None:
+    "'1,2,2,2' -> [1, 2, 2, 2] (EDM's --cres), a `UserError` naming `flag` otherwise."
+    if s is None or isinstance(s, list): return s
+    try: out = [int(v) for v in str(s).split(',')]
+    except ValueError: raise UserError(f'{flag}: expected comma-separated integers such as 1,2,2,2, got {s!r}') from None
+    if not out or min(out) < 1: raise UserError(f'{flag}: expected positive integers, got {s!r}')
+    return out
 
-def _int_flag(flag: str, v, allow_zero: bool = False) -> int:
-    "`v` if it is a positive (or non-negative) integer, else a `UserError` naming `flag`."
-    if isinstance(v, bool) or not isinstance(v, int): raise UserError(f'{flag}: expected an integer, got {v!r}')
-    return check_positive(flag, v, allow_zero)
+def ticks_to_steps(ticks: int, tick_kimg: float, batch: int) -> int:
+    "Iterations in `ticks` of `tick_kimg` thousand images at a global `batch` (EDM's --snap/--dump unit)."
+    return max(1, round(ticks * tick_kimg * 1000 / batch))
 
-def _check_edm_args(a: dict, world_size: int):
-    "Flag checks of `train_edm` (named as on the command line): a `UserError` before anything is built or written."
-    for f, k in (('--batch', 'batch'), ('--ckpt_every', 'ckpt_every'), ('--log_every', 'log_every'), ('--n_samples', 'n_samples'),
-                 ('--sample_steps', 'sample_steps')): _int_flag(f, a[k])
-    for f, k in (('--sample_every', 'sample_every'), ('--workers', 'num_workers')): _int_flag(f, a[k], allow_zero=True)
-    if a['data'] == 'toy':
-        _int_flag('--toy_n', a['toy_n']); check_range('--resolution', _int_flag('--resolution', a['resolution']), 4, None, 'a resolution')
-        check_range('--toy_classes', a['toy_classes'], 1, len(TOY_CLASSES), 'a number of classes')
-    if a['max_keep'] is not None: check_positive('--max_keep', a['max_keep'])
-    check_positive('--lr', a['lr']); check_positive('--lr_rampup_kimg', a['lr_rampup_kimg'], allow_zero=True)
-    check_positive('--ema', a['ema_halflife_kimg'], allow_zero=True)
-    if a['ema_rampup_ratio'] is not None: check_range('--ema_rampup', a['ema_rampup_ratio'], 0, 1, 'a ratio')
-    if a['dropout'] is not None: check_range('--dropout', a['dropout'], 0, 1, 'a probability')
-    check_range('--label_dropout', a['label_dropout'], 0, 1, 'a probability')
-    check_positive('--sigma_data', a['sigma_data']); check_positive('--P_std', a['P_std'])
-    check_divisible('--batch', a['batch'], world_size, 'the number of processes')
+@dataclass
+class EDMTrainConfig(RunConfig):
+    "Settings of an EDM teacher run; flags follow NVlabs/edm's train.py where it has them (see `EDM_ALIASES`)."
+    run_dir: str = 'runs/edm'  # run folder: config.json, metrics.jsonl, samples, checkpoints, network-final.safetensors
+    ema: float = 500.  # EMA half-life in thousands of images (EDM's default 0.5 Mimg; 0: no EMA)
+    data: str = 'toy'  # 'toy' (procedural shapes) or a dataset path (EDM zip/folder, image folder, LMDB)
+    resolution: int = 16  # toy dataset: image resolution
+    toy_n: int = 4096  # toy dataset: number of images
+    toy_classes: int = 4  # toy dataset: number of classes (1-8)
+    cond: bool = True  # class-conditional when the dataset has labels (false: unconditional)
+    arch: Literal['tiny', 'small', 'ddpmpp', 'ncsnpp', 'adm'] = 'tiny'  # network preset (EDM_PRESETS)
+    precond: Literal['edm'] = 'edm'  # preconditioning and loss (EDM's vp and ve are not implemented)
+    cbase: int | None = None  # channel multiplier, model_channels [default: the arch's]
+    cres: str | None = None  # channels per resolution, comma-separated, e.g. 1,2,2,2 [default: the arch's]
+    dropout: float | None = None  # dropout probability [default: the arch's]
+    label_dropout: float = 0.  # class-label dropout probability (for classifier-free guidance)
+    augment: float = 0.  # augmentation probability: 0 only (EDM's augmentation pipe is not implemented)
+    batch_gpu: int | None = None  # most images per process in one forward pass (more: gradient accumulation) [default: no limit]
+    lr: float = 1e-3  # Adam learning rate
+    lr_rampup_kimg: float = 10.  # linear learning-rate warm-up in thousands of images
+    P_mean: float = -1.2  # training noise levels: mean of ln σ
+    P_std: float = 1.2  # training noise levels: standard deviation of ln σ
+    sigma_data: float = 0.5  # data standard deviation σ_d
+    ls: float | None = None  # --precision fp16: initial loss scale (EDM's --ls; the scale is dynamic here) [default: the scaler's]
+    tick: float = 50.  # thousands of images per tick, the unit of --snap and --dump
+    snap: int | None = None  # ticks between checkpoints (sets --ckpt_every) [default: --ckpt_every]
+    dump: int | None = None  # ticks between checkpoints (sets --ckpt_every; with --snap the smaller counts) [default: --ckpt_every]
+    sample_steps: int = 18  # Heun steps of the sample grids
 
-def _edm_sample_fn(ema: EMA | None, num_steps: int):
+    def check(self, world_size: int = 1): # number of processes the batch is split over
+        "`RunConfig.check`, then EDM's own flags; `--snap`/`--dump` set the checkpoint cadence."
+        super().check(world_size)
+        self.warn_mimg_ema()  # the reference's --ema is in Mimg
+        if self.data == 'toy':
+            check_positive('--toy_n', self.toy_n)
+            check_range('--resolution', check_positive('--resolution', self.resolution), 4, None, 'a resolution')
+            check_range('--toy_classes', self.toy_classes, 1, len(TOY_CLASSES), 'a number of classes')
+        check_positive('--lr', self.lr); check_positive('--lr_rampup_kimg', self.lr_rampup_kimg, allow_zero=True)
+        if self.dropout is not None: check_range('--dropout', self.dropout, 0, 1, 'a probability')
+        check_range('--label_dropout', self.label_dropout, 0, 1, 'a probability')
+        check_positive('--sigma_data', self.sigma_data); check_positive('--P_std', self.P_std)
+        check_positive('--sample_steps', self.sample_steps); check_positive('--tick', self.tick)
+        for k in ('cbase', 'batch_gpu', 'ls', 'snap', 'dump'):
+            if getattr(self, k) is not None: check_positive(f'--{k}', getattr(self, k))
+        _int_list('--cres', self.cres)
+        if self.augment: raise UserError(f'--augment: EDM\'s augmentation pipe is not implemented; give --augment 0 (got {self.augment})')
+        ticks = [t for t in (self.snap, self.dump) if t is not None]
+        if ticks: self.ckpt_every = ticks_to_steps(min(ticks), self.tick, self.batch)
+        return self
+
+EDM_ALIASES = COMMON_ALIASES + (
+    Alias('duration', 'kimg', lambda v, ws: v * 1000, float, "EDM's length in millions of images"),
+    Alias('ema_mimg', 'ema', lambda v, ws: v * 1000, float, "half-life in millions of images, as EDM's --ema"),
+    Alias('batch-gpu', 'batch_gpu', note="EDM's spelling"),
+    Alias('fp16', 'precision', lambda v, ws: 'fp16' if v else 'fp32', str2bool, "EDM's switch: true: --precision fp16, false: fp32"),
+    Alias('uncond', 'cond', lambda v, ws: not v, str2bool, 'true: --cond false'),
+    Alias('delete_ckpts', 'max_keep', lambda v, ws: 1 if v else RunConfig.max_keep, str2bool, 'true: keep only the latest checkpoint'),
+    Alias('ema_halflife_kimg', 'ema'), Alias('ema_rampup_ratio', 'ema_rampup', lambda v, ws: v or 0.),
+    Alias('n_samples', 'grid_samples'), Alias('num_workers', 'workers'))
+
+EDM_TRAIN_PRESETS = {  # EDM's README commands (Karras et al. 2022, Table 7); --data is the user's
+    'cifar10-cond': dict(arch='ddpmpp', cond=True, batch=512, lr=1e-3, dropout=0.13, kimg=200_000, ema=500.),
+    'cifar10-uncond': dict(arch='ddpmpp', cond=False, batch=512, lr=1e-3, dropout=0.13, kimg=200_000, ema=500.),
+    'ffhq-64': dict(arch='ddpmpp', cond=False, batch=256, cres='1,2,2,2', lr=2e-4, dropout=0.05, kimg=200_000, ema=500.),
+    'afhqv2-64': dict(arch='ddpmpp', cond=False, batch=256, cres='1,2,2,2', lr=2e-4, dropout=0.25, kimg=200_000, ema=500.),
+    'imagenet-64': dict(arch='adm', cond=True, batch=4096, lr=1e-4, dropout=0.10, kimg=2_500_000, ema=50_000., precision='fp16', ls=100., tick=200.),
+}
+
+def resolve_values(cls: type, aliases: tuple, values: dict, world_size: int | None = None) -> dict:
+    "Python keyword values with the aliases' spellings turned into field values (as on the command line)."
+    ws, out = world_size_from_env() if world_size is None else world_size, dict(values)
+    for a in aliases:
+        if a.name in out and a.name not in {f.name for f in dataclasses.fields(cls)}:
+            v = out.pop(a.name); v = a.convert(v, ws) if a.convert else v
+            for t in a.targets: out[t] = v
+    return out
+
+def edm_config(preset: str | None = None, # key of EDM_TRAIN_PRESETS
+               **values) -> EDMTrainConfig: # field values (or alias spellings) replacing the preset's
+    "A checked `EDMTrainConfig` from Python: preset < values."
+    if preset is not None and preset not in EDM_TRAIN_PRESETS: raise UserError(f'--preset: expected one of {", ".join(EDM_TRAIN_PRESETS)}, got {preset!r}')
+    vals = resolve_values(EDMTrainConfig, EDM_ALIASES, values)
+    vals = {k: str(v) if isinstance(v, Path) else v for k, v in vals.items()}
+    return make_config(EDMTrainConfig, {**EDM_TRAIN_PRESETS.get(preset, {}), **vals}, 'train_edm', world_size_from_env())
+
+# %% ../nbs/22_edm_train.ipynb #e72e90fb
+def seed_latents(net, seeds: list[int], # a network with img_channels / img_resolution / label_dim, one seed per image
+                 device=None):
+    "EDM's per-seed latents and noise generator, with seed s asking for class s mod label_dim (the run layer's sampling contract)."
+    from distill_nb.samplers import edm_latents_and_labels, net_shape
+    C, R, L = net_shape(net)
+    latents, _, rnd = edm_latents_and_labels(list(seeds), C, R, L, None, device)
+    return latents, one_hot_labels(torch.tensor(seeds) % L, L, device) if L else None, rnd
+
+def _edm_sample_fn(num_steps: int):
+    "`sample(learn, seeds)`: EDM Heun samples of model 'net' (the EMA copy when the run keeps one) in [-1, 1]."
+    from distill_nb.samplers import get_sampler
     def sample(learn, seeds):
-        net = ema.module() if ema is not None else learn.unwrapped('net')
-        return from_uint8(generate_images(net, seeds, batch_size=len(seeds), device=learn.device, num_steps=num_steps))
+        net = unwrap_model(learn.models['net'])
+        z, c, rnd = seed_latents(net, seeds, learn.device)
+        with torch.no_grad(): return get_sampler('edm')(net, z, c, randn_like=rnd.randn_like, num_steps=num_steps).float().clamp(-1, 1)
     return sample
 
 def _edm_step(label_dim: int, P_mean: float, P_std: float, sigma_data: float):
     def loss(learn, batch):
         x, y = batch
-        labels = one_hot_labels(y, label_dim)
-        return edm_loss(learn.models['net'], x, labels, P_mean, P_std, sigma_data)
+        return edm_loss(learn.models['net'], x, one_hot_labels(y, label_dim), P_mean, P_std, sigma_data)
     return loss
 
-# %% ../nbs/22_edm_train.ipynb #e72e90fb
-def train_edm(run_dir: str | Path = 'runs/edm', # run folder: config, metrics, samples, checkpoints
-              data: str = 'toy', # 'toy' (procedural) or a dataset path
-              resolution: int = 16, toy_n: int = 4096, toy_classes: int = 4, # toy dataset
-              cond: bool = True, # class-conditional when the dataset has labels
-              arch: str = 'tiny', # network preset (EDM_PRESETS)
-              dropout: float | None = None, label_dropout: float = 0., # None: the preset's dropout
-              batch: int = 64, # global batch size (split across processes)
-              lr: float = 1e-3, lr_rampup_kimg: float = 10., # Adam LR and its linear warm-up
-              steps: int | None = None, kimg: float | None = None, # duration: one of iterations or thousands of images
-              ema_halflife_kimg: float = 500., ema_rampup_ratio: float | None = 0.05, # EDM EMA
-              P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, # EDM loss
-              ckpt_every: int = 500, max_keep: int | None = 3, delete_ckpts: bool = False, # checkpoints
-              resume: str | None = None, # checkpoint folder, 'latest' or 'auto'
-              overwrite: bool = False, # replace a previous run in `run_dir` (else refused unless resuming)
-              log_every: int = 10, sample_every: int = 500, sample_steps: int = 18, n_samples: int = 16, # logging, grids
-              device: str | None = None, seed: int = 0, amp: str | None = 'auto', compile: bool = False, num_workers: int = 0,
-              wandb: str = 'disabled', wandb_project: str = 'distill_nb', # wandb mode: online/offline/disabled
-              progress: bool = True) -> Learner:
-    "Train an EDM denoiser (Karras et al. 2022) on the Learner; returns the learner."
-    cfg = {k: v for k, v in locals().items()}
-    info = init_distributed(device)
-    _check_edm_args(cfg, info.world_size)
-    n_steps = _duration(steps, kimg, batch)
-    seed_everything(seed * 1000 + info.rank)  # different noise per rank; DDP syncs the weights
-    ds = edm_dataset(data, resolution, toy_n, toy_classes, seed)
+def build_edm(cfg: EDMTrainConfig, # a checked config
+              info) -> RunParts: # this process (`DistInfo`)
+    "The network, the one EDM `TrainStep` and the data of an EDM run (Karras et al. 2022)."
+    ds = edm_dataset(cfg.data, cfg.resolution, cfg.toy_n, cfg.toy_classes, cfg.seed)
     C, R = ds.image_shape[0], ds.image_shape[-1]
-    label_dim = ds.label_dim if cond else 0
-    net = edm_network(arch, R, C, label_dim, sigma_data, dropout=dropout, label_dropout=label_dropout)
-    opt = make_optimizer(net.to(info.device).parameters(), lr, betas=(0.9, 0.999), eps=1e-8)
-    bs = batch // info.world_size
-    ramp = lambda u: min((u + 1) * batch / max(lr_rampup_kimg * 1000, 1e-8), 1.0)
-    step = TrainStep('edm', _edm_step(label_dim, P_mean, P_std, sigma_data), opt, sched=torch.optim.lr_scheduler.LambdaLR(opt, ramp))
-    ema = EMA('net', halflife_kimg=ema_halflife_kimg, rampup_ratio=ema_rampup_ratio)
-    cbs = [ema, Checkpointer(ckpt_every, max_keep, delete_ckpts), MetricsLogger(log_every)]
-    if wandb != 'disabled': cbs.append(WandbLogger(wandb_project, wandb, every=log_every))
-    if sample_every: cbs.append(SampleGrid(_edm_sample_fn(ema, sample_steps), sample_every, n_samples))
-    if progress: cbs.append(ProgressCB(log_every))
-    cfg.update(world_size=info.world_size, img_shape=list(ds.image_shape), label_dim=label_dim, n_steps=n_steps,
-               network=net.init_kwargs, dataset_len=len(ds))
-    cfg.pop('resume'); cfg.pop('progress'); cfg.pop('overwrite')
-    final = Path(run_dir)/'network-final.safetensors'
-    learn = Learner({'net': net}, [step], ResumableLoader(ds, bs, seed=seed, num_workers=num_workers), cbs, device=info.device,
-                    amp=amp, compile=compile, run_dir=run_dir, config=cfg, overwrite=overwrite, outputs=[final.name])
-    learn.ema = ema
-    learn.fit(n_steps, resume=resume)
-    if learn.is_main:
-        with write_guard(final, 'the final network', Path(run_dir)/'checkpoints'):
-            save_module(ema.module(), final, meta={'sampler': {'kind': 'edm'},
-                                                   'provenance': {**learn.provenance(), 'step': learn.step, 'ema_halflife_kimg': ema_halflife_kimg}})
-    return learn
+    label_dim = ds.label_dim if cfg.cond else 0
+    net = edm_network(cfg.arch, R, C, label_dim, cfg.sigma_data, dropout=cfg.dropout, label_dropout=cfg.label_dropout,
+                      model_channels=cfg.cbase, channel_mult=_int_list('--cres', cfg.cres))
+    opt = make_optimizer(net.to(info.device).parameters(), cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    ramp = lambda u: min((u + 1) * cfg.batch / max(cfg.lr_rampup_kimg * 1000, 1e-8), 1.0)
+    local = cfg.local_batch(info.world_size)
+    step = TrainStep('edm', _edm_step(label_dim, cfg.P_mean, cfg.P_std, cfg.sigma_data), opt,
+                     sched=torch.optim.lr_scheduler.LambdaLR(opt, ramp), micro_batch=cfg.batch_gpu if (cfg.batch_gpu or local) < local else None)
+    return RunParts(models={'net': net}, steps=[step], data=run_loader(cfg, info, ds), sample=_edm_sample_fn(cfg.sample_steps),
+                    final={'network-final.safetensors': ('net', {'kind': 'edm'})}, ema='net', label_dim=label_dim,
+                    record=dict(img_shape=list(ds.image_shape), label_dim=label_dim, network=net.init_kwargs, dataset_len=len(ds)),
+                    learner_kwargs={'loss_scale': {'init_scale': cfg.ls}} if cfg.ls is not None and cfg.precision == 'fp16' else {})
+
+def train_edm(cfg: EDMTrainConfig | str | Path | None = None, # a config, or the run folder (then `values` give the rest)
+              cbs=(), # extra callbacks
+              **values) -> Learner: # field values (or alias spellings) when `cfg` is not a config
+    "Train an EDM denoiser (Karras et al. 2022) through `run_training`; returns the learner."
+    if not isinstance(cfg, EDMTrainConfig): cfg = edm_config(**({'run_dir': cfg} if cfg is not None else {}), **values)
+    elif values: cfg = edm_config(**{**dataclasses.asdict(cfg), **values})
+    return run_training(cfg, build_edm, cbs)
 
 # %% ../nbs/22_edm_train.ipynb #8d56b061
-_ARCH = Param('Network preset', str, choices=list(EDM_PRESETS))
-_WANDB = Param('Weights & Biases mode', str, choices=['online', 'offline', 'disabled'])
-
-@cli
-def edm_train(
-    run_dir: str = 'runs/edm', # Run folder (config, metrics, samples, checkpoints)
-    data: str = 'toy', # 'toy' (procedural shapes) or a dataset path (EDM zip/folder, image folder, LMDB)
-    resolution: int = 16, # Toy dataset: image resolution
-    toy_n: int = 4096, # Toy dataset: number of images
-    toy_classes: int = 4, # Toy dataset: number of classes (1-8)
-    uncond: store_true = False, # Train unconditionally even if the dataset has labels
-    arch: _ARCH = 'tiny', # Network preset
-    dropout: float = None, # Dropout probability [default: the preset's]
-    label_dropout: float = 0., # Class-label dropout probability (for classifier-free guidance)
-    batch: int = 64, # Total batch size (split across processes)
-    lr: float = 1e-3, # Learning rate
-    lr_rampup_kimg: float = 10., # LR warm-up length in thousands of images
-    steps: int = None, # Training duration in iterations
-    kimg: float = None, # Training duration in thousands of images (instead of --steps)
-    ema: float = 500., # EMA half-life in thousands of images
-    ema_rampup: float = 0.05, # EMA ramp-up ratio (0 to disable)
-    ckpt_every: int = 500, # Iterations between checkpoints
-    max_keep: int = 3, # Checkpoints to keep (0 = all)
-    delete_ckpts: store_true = False, # Keep only the latest checkpoint
-    resume: str = None, # Checkpoint folder, 'latest', or 'auto' (latest if any, else start fresh)
-    overwrite: store_true = False, # Replace a previous run in --run_dir (its checkpoints, metrics, samples and final network)
-    log_every: int = 10, # Iterations per metrics record
-    sample_every: int = 500, # Iterations between sample grids (0 = never)
-    device: str = None, # cpu, cuda, cuda:1 [default: cuda if available]
-    seed: int = 0, # Random seed
-    no_amp: store_true = False, # Disable bf16 autocast on CUDA
-    compile: store_true = False, # torch.compile the network
-    workers: int = 0, # DataLoader worker processes
-    wandb: _WANDB = 'disabled', # Weights & Biases mode
-    wandb_project: str = 'distill_nb', # Weights & Biases project
-    no_progress: store_true = False, # Hide the progress bar
-):
+@config_cli(EDMTrainConfig, aliases=EDM_ALIASES, presets=EDM_TRAIN_PRESETS)
+def edm_train(cfg: EDMTrainConfig):
     "Train an EDM teacher (Karras et al. 2022) on a dataset or the procedural toy dataset."
-    if steps is None and kimg is None: steps = 1000
-    check_positive('--max_keep', max_keep, allow_zero=True)  # 0 = keep all
-    train_edm(run_dir, data, resolution, toy_n, toy_classes, not uncond, arch, dropout, label_dropout, batch, lr, lr_rampup_kimg,
-              steps, kimg, ema, ema_rampup or None, ckpt_every=ckpt_every, max_keep=max_keep or None, delete_ckpts=delete_ckpts,
-              resume=resume, overwrite=overwrite, log_every=log_every, sample_every=sample_every, device=device, seed=seed, amp=None if no_amp else 'auto',
-              compile=compile, num_workers=workers, wandb=wandb, wandb_project=wandb_project, progress=not no_progress)
+    train_edm(cfg)

@@ -4,30 +4,33 @@
 
 # %% ../nbs/50_gdd.ipynb #c0e39e49
 from __future__ import annotations
-import contextlib, math
+import contextlib, copy, dataclasses, math
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from fastcore.script import Param, store_true
-from .core import seed_everything, in_test, unwrap_model, UserError, check_positive, check_divisible, one_hot_labels
+from .core import in_test, unwrap_model, UserError, check_positive, check_range, one_hot_labels
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool, make_config, world_size_from_env
+from .run import RunParts, run_training, run_loader, final_module
 from .losses import gan_g_loss, gan_d_loss
 from .networks import UNetBlock
 from .precond import EDMPrecond, ConsistencyPrecond
-from .samplers import one_step_sample, generate_images
-from .checkpoints import load_network, save_network
-from .learner import Learner, TrainStep, ResumableLoader, make_optimizer, init_distributed, write_guard
-from .callbacks import EMA, Checkpointer, MetricsLogger, ProgressCB, WandbLogger, MetricCallback
+from .samplers import one_step_sample
+from .checkpoints import load_network
+from .learner import Learner, TrainStep, Callback, make_optimizer
 from .projected_d import ProjectedDiscriminator
-from .toydata import ToyShapes
-from .core import cli
+from .toydata import ToyShapes, TOY_CLASSES
+from .edm_train import resolve_values, seed_latents, _int_list
 
 # %% auto #0
-__all__ = ['GDD_FREEZE_RULES', 'GDD_PRESETS', 'gdd_generator', 'freeze_rule', 'frozen_parameter_names', 'apply_freeze',
-           'freeze_table', 'tiny_gdd_teacher', 'd_score', 'r1_penalty', 'r1_gamma_equivalent', 'lazy_adam_kwargs',
-           'adam_eps_equivalent', 'gdd_optimizers', 'sanitize_grads', 'gdd_steps', 'gdd_ref_batch_per_gpu',
-           'gdd_config', 'gdd_dataset', 'one_step_fp32', 'fp32_copy', 'gdd_fid_fn', 'check_gdd_settings', 'train_gdd',
-           'toy_sample_distance', 'gdd_train']
+__all__ = ['GDD_FREEZE_RULES', 'GDD_BACKBONES', 'GDD_ARCHS', 'GDD_ALIASES', 'GDD_PRESETS', 'gdd_generator', 'freeze_rule',
+           'frozen_parameter_names', 'apply_freeze', 'freeze_table', 'tiny_gdd_teacher', 'd_score', 'r1_penalty',
+           'r1_gamma_equivalent', 'lazy_adam_kwargs', 'adam_eps_equivalent', 'gdd_optimizers', 'sanitize_grads',
+           'gdd_steps', 'GDDConfig', 'gdd_ref_batch_per_gpu', 'gdd_config', 'gdd_dataset', 'one_step_fp32', 'fp32_copy',
+           'PublishFP32', 'gdd_teacher', 'build_gdd', 'train_gdd', 'toy_sample_distance', 'gdd_train']
 
 # %% ../nbs/50_gdd.ipynb #30b2d454
 _PRECOND_KEYS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data',
@@ -37,8 +40,9 @@ def gdd_generator(teacher: nn.Module, # EDM teacher (`EDMPrecond` or `Consistenc
                   sigma_min: float = 0.002, # ε of the consistency parametrisation (GDDPrecond)
                   sigma_max: float = 80., # σ_g, the generator's conditioning noise level
                   amp_dtype: str | None = 'bf16', # backbone dtype on CUDA (the reference's bf16 generator); fp32 on CPU
+                  dropout: float = 0.0, # generator dropout (the reference: 0)
                  ) -> tuple[ConsistencyPrecond, dict]:
-    "GDD's one-step generator initialised from the teacher: dropout 0, augment_dim 0, weights copied by name (Zheng & Yang 2024)."
+    "GDD's one-step generator initialised from the teacher: dropout 0 by default, augment_dim 0, weights copied by name (Zheng & Yang 2024)."
     teacher = unwrap_model(teacher)
     if type(teacher).__name__ not in ('EDMPrecond', 'ConsistencyPrecond') or not hasattr(teacher, 'init_kwargs'):
         raise UserError(f'--teacher: GDD needs an EDM-preconditioned teacher (EDMPrecond), got {type(teacher).__name__}')
@@ -46,7 +50,7 @@ def gdd_generator(teacher: nn.Module, # EDM teacher (`EDMPrecond` or `Consistenc
         raise UserError('--teacher: a ConsistencyPrecond with c_noise_scale != 0.25 has a different noise embedding than EDM')
     kw = teacher.init_kwargs
     backbone = {k: v for k, v in kw.items() if k not in _PRECOND_KEYS}
-    backbone.update(dropout=0.0, augment_dim=0)
+    backbone.update(dropout=dropout, augment_dim=0)
     G = ConsistencyPrecond(kw['img_resolution'], kw['img_channels'], kw.get('label_dim', 0), use_fp16=False,
                            sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=kw.get('sigma_data', 0.5),
                            model_type=kw['model_type'], amp_dtype=amp_dtype, **backbone)
@@ -226,32 +230,114 @@ def gdd_steps(G: nn.Module, # generator (ConsistencyPrecond), possibly frozen by
 # %% ../nbs/50_gdd.ipynb #1208a487
 _EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/'
 _DEIT_EFF, _VGG_EFF = 'deit_base_distilled_patch16_224,tf_efficientnet_lite0', 'vgg16_bn,tf_efficientnet_lite0'
+GDD_BACKBONES = {0: _DEIT_EFF, 1: _VGG_EFF}  # the reference's --backbone 0 / 1
+_DIFFAUG_ALL = 'color,translation,cutout'
+GDD_ARCHS = {'ncsnpp': 'SongUNet', 'ddpmpp': 'SongUNet', 'adm': 'DhariwalUNet'}  # the reference's --arch: backbone class
+
+def _diffaug_policy(v) -> str:
+    "A DiffAugment policy from the flag: the reference's booleans (False: off, True: all three) or a policy string."
+    s = str(v).strip()
+    if s.lower() in ('', 'false', '0', 'no', 'off', 'none'): return ''
+    return _DIFFAUG_ALL if s.lower() in ('true', '1', 'yes', 'on') else s
+
+@dataclass
+class GDDConfig(RunConfig):
+    "Settings of a GDD / GDD-I run; flags follow Zyriix/GDD's train.py where it has them (`GDD_ALIASES`); defaults: the toy setting."
+    run_dir: str = 'runs/gdd'  # run folder: config.json, metrics.jsonl, samples, checkpoints, network-final.safetensors
+    batch: int = 32  # global batch size, summed over all processes (the reference's --batch is global too)
+    kimg: float | None = 10.  # training length in thousands of images (--steps wins when given)
+    seed: int = 42  # random seed (process r of a run seeds with seed + r)
+    precision: Literal['auto', 'fp32', 'bf16', 'fp16'] = 'fp32'  # autocast of the losses: fp32 as the reference's discriminator (the generator's backbone follows --fp16)
+    ema: float = 500.  # EMA half-life of G in thousands of images (the reference's --ema 0.5 Mimg; its 5 % ramp-up binds in every shipped run)
+    teacher: str | None = None  # EDM teacher: .pkl, distill_nb .safetensors, URL or builtin:<name> [default: a tiny random one for the toy data]
+    data: str = 'toy'  # 'toy' (procedural shapes) or a dataset path (EDM zip/folder, image folder, LMDB)
+    resolution: int = 8  # toy dataset: image resolution
+    toy_n: int = 2048  # toy dataset: number of images
+    toy_classes: int = 4  # toy dataset: number of classes (1-8)
+    cond: bool = False  # class-conditional: G and D see the real batch's labels
+    arch: str | None = None  # the teacher's architecture as the reference names it (ncsnpp, ddpmpp, adm): checked against the teacher
+    cres: str | None = None  # the teacher's channels per resolution, e.g. 1,2,2,2: checked against the teacher
+    dropout: float = 0.  # generator dropout (the reference: 0)
+    g_lr: float = 1e-3  # generator Adam learning rate
+    d_lr: float = 1e-3  # discriminator Adam learning rate before the lazy-R1 correction
+    freeze: int = 1  # 0: GDD, 1: GDD-I (conv0/conv1/proj frozen), 2: also qkv, 3: also qkv and skip
+    backbones: str = 'tiny'  # comma-separated discriminator feature backbones
+    backbone_weights: Literal['registry', 'random'] = 'random'  # 'registry' (pretrained, local files) or 'random'
+    feature_size: int = 32  # discriminator input resize (the reference: 224)
+    cout: int = 16  # channels of the fused feature levels' first head layer (the reference: 64)
+    max_head_channels: int | None = 64  # cap on the heads' channels [default: none, as the reference]
+    diffaug: str = ''  # DiffAugment policy, e.g. color,translation,cutout ('' or false: off; true: all three)
+    sigma_g: float = 80.  # the generator's noise level σ_g
+    r1_gamma: float | None = None  # R1 weight in the mean convention (0: no R1) [default: --r1_gamma_ref converted: γ_ref·M²/(batch/ref_gpus)]
+    r1_gamma_ref: float = 1e-4  # R1 weight γ in the reference's summed convention
+    r1_every: int = 16  # lazy R1 interval
+    use_gp: bool = True  # R1 gradient penalty on (false: no R1)
+    adam_eps: float | None = None  # Adam ε of G and D [default: --adam_eps_ref / (batch/ref_gpus), the reference's updates in the mean convention]
+    adam_eps_ref: float = 1e-8  # the reference's Adam ε
+    ref_gpus: int = 4  # processes of the reference run the conversions assume (its train.sh used 4)
+    fp16: bool = True  # generator backbone in bfloat16 on CUDA (the reference's --fp16); false: float32
+    loss_type: Literal['ns'] = 'ns'  # GAN loss: non-saturating (the reference's only shipped choice)
+    r1_type: Literal['r1'] = 'r1'  # gradient penalty: R1 on real images
+    precond: Literal['gdd'] = 'gdd'  # generator parametrisation: GDDPrecond (a consistency parametrisation at σ_g)
+    loss: Literal['gdd'] = 'gdd'  # loss family: GDD's GAN-only loss
+    augment: float = 0.  # ADA probability: 0 only (ADA is off in every reference command)
+    ada_target: float = 0.  # ADA target: 0 only
+    d_type: str = 'xl'  # the reference's discriminator-summary switch (no effect; the discriminator is always the projected one)
+
+    def check(self, world_size: int = 1): # number of processes the batch is split over
+        "`RunConfig.check`, then GDD's own flags (a `UserError` naming the flag)."
+        super().check(world_size)
+        self.warn_mimg_ema()  # the reference's --ema is in Mimg
+        for k in ('g_lr', 'd_lr', 'sigma_g', 'r1_every', 'feature_size', 'cout', 'ref_gpus', 'adam_eps_ref'): check_positive(f'--{k}', getattr(self, k))
+        check_positive('--r1_gamma_ref', self.r1_gamma_ref, allow_zero=True)
+        for k in ('r1_gamma', 'adam_eps', 'max_head_channels'):
+            if getattr(self, k) is not None: check_positive(f'--{k}', getattr(self, k), allow_zero=k == 'r1_gamma')
+        if self.freeze not in GDD_FREEZE_RULES: raise UserError(f'--freeze: expected one of {sorted(GDD_FREEZE_RULES)}, got {self.freeze!r}')
+        if self.data == 'toy':
+            check_positive('--resolution', self.resolution); check_positive('--toy_n', self.toy_n)
+            check_range('--toy_classes', self.toy_classes, 1, len(TOY_CLASSES), 'a number of classes')
+        check_range('--dropout', self.dropout, 0, 1, 'a probability')
+        if self.augment or self.ada_target: raise UserError('--augment/--ada-target: ADA is not implemented (every reference command keeps it off); give 0')
+        if self.arch is not None and self.arch not in GDD_ARCHS: raise UserError(f'--arch: expected one of {", ".join(GDD_ARCHS)}, got {self.arch!r}')
+        _int_list('--cres', self.cres)
+        self.diffaug = _diffaug_policy(self.diffaug)
+        return self
+
+GDD_ALIASES = COMMON_ALIASES + (
+    Alias('transfer', 'teacher', note="the reference's initialisation pickle"),
+    Alias('lr', 'g_lr', note="the reference's generator learning rate"), Alias('dlr', 'd_lr', note="the reference's spelling"),
+    Alias('duration', 'kimg', lambda v, ws: v * 1000, float, "the reference's length in millions of images"),
+    Alias('mimg', 'kimg', lambda v, ws: v * 1000, float, 'length in millions of images'),
+    Alias('ema_mimg', 'ema', lambda v, ws: v * 1000, float, "half-life in millions of images, as the reference's --ema"),
+    Alias('backbone', 'backbones', lambda v, ws: GDD_BACKBONES[v] if v in GDD_BACKBONES else str(v), int,
+          f"the reference's 0 ({_DEIT_EFF}) or 1 ({_VGG_EFF})"),
+    Alias('uncond', 'cond', lambda v, ws: not v, str2bool, 'true: --cond false'),
+    Alias('r1-gamma', 'r1_gamma_ref', note="the reference's γ (summed convention)"),
+    Alias('loss-type', 'loss_type'), Alias('r1-type', 'r1_type'), Alias('use-gp', 'use_gp', type=str2bool),
+    Alias('d-type', 'd_type'), Alias('ada-target', 'ada_target'),
+    Alias('fid_n', 'fid_samples'), Alias('num_workers', 'workers'))
+
 _REAL = dict(r1_gamma_ref=1e-4, adam_eps_ref=1e-8, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=224, max_head_channels=None, cout=64,
-             diffaug='', backbone_weights='registry')
-GDD_PRESETS = {
-    'cifar10-uncond': dict(_REAL, teacher=_EDM + 'edm-cifar10-32x32-uncond-ve.pkl', cond=False, batch=256, g_lr=1e-4, d_lr=1e-4, mimg=5, ema_mimg=0.5, backbones=_VGG_EFF, freeze=1),
-    'cifar10-cond': dict(_REAL, teacher=_EDM + 'edm-cifar10-32x32-cond-ve.pkl', cond=True, batch=256, g_lr=1e-4, d_lr=1e-4, mimg=5, ema_mimg=0.5, backbones=_VGG_EFF, freeze=1),
-    'afhqv2-64': dict(_REAL, teacher=_EDM + 'edm-afhqv2-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, mimg=10, ema_mimg=0.5, backbones=_DEIT_EFF, freeze=1),
-    'ffhq-64': dict(_REAL, teacher=_EDM + 'edm-ffhq-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, mimg=10, ema_mimg=0.5, backbones=_DEIT_EFF, freeze=1),
-    'imagenet-64': dict(_REAL, teacher=_EDM + 'edm-imagenet-64x64-cond-adm.pkl', cond=True, batch=512, g_lr=8e-6, d_lr=4e-5, mimg=10, ema_mimg=50, backbones=_DEIT_EFF, freeze=1),
-    'toy': dict(r1_gamma_ref=1e-4, adam_eps_ref=1e-8, ref_gpus=4, r1_every=16, sigma_g=80., feature_size=32, max_head_channels=64, cout=16, diffaug='',
-                backbone_weights='random', teacher=None, cond=False, batch=32, g_lr=1e-3, d_lr=1e-3, mimg=0.01, ema_mimg=0.5,
-                backbones='tiny', freeze=1),
+             diffaug='', backbone_weights='registry', seed=42, precision='fp32', fp16=True)
+GDD_PRESETS = {  # the reference's train.sh (GDD-I; --freeze 0 gives GDD); --data is the user's
+    'cifar10-uncond': dict(_REAL, teacher=_EDM + 'edm-cifar10-32x32-uncond-ve.pkl', cond=False, batch=256, g_lr=1e-4, d_lr=1e-4, kimg=5000., ema=500., backbones=_VGG_EFF, freeze=1),
+    'cifar10-cond': dict(_REAL, teacher=_EDM + 'edm-cifar10-32x32-cond-ve.pkl', cond=True, batch=256, g_lr=1e-4, d_lr=1e-4, kimg=5000., ema=500., backbones=_VGG_EFF, freeze=1),
+    'afhqv2-64': dict(_REAL, teacher=_EDM + 'edm-afhqv2-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, kimg=10000., ema=500., backbones=_DEIT_EFF, freeze=1),
+    'ffhq-64': dict(_REAL, teacher=_EDM + 'edm-ffhq-64x64-uncond-ve.pkl', cond=False, batch=256, g_lr=2e-5, d_lr=4e-5, kimg=10000., ema=500., backbones=_DEIT_EFF, freeze=1),
+    'imagenet-64': dict(_REAL, teacher=_EDM + 'edm-imagenet-64x64-cond-adm.pkl', cond=True, batch=512, g_lr=8e-6, d_lr=4e-5, kimg=10000., ema=50000., backbones=_DEIT_EFF, freeze=1),
+    'toy': {},  # the field defaults: a CPU setting (tiny random backbone, 32-pixel features, narrow heads)
 }
 
-def gdd_ref_batch_per_gpu(cfg: dict) -> int:
+def gdd_ref_batch_per_gpu(cfg: GDDConfig) -> int:
     "The reference run's per-GPU batch for these settings: batch / ref_gpus (the reference's train.sh used 4 GPUs)."
-    return max(cfg['batch'] // cfg['ref_gpus'], 1)
+    return max(cfg.batch // cfg.ref_gpus, 1)
 
-def gdd_config(preset: str = 'toy', # key of GDD_PRESETS
-               **overrides) -> dict: # values replacing the preset's (None = keep)
-    "The resolved GDD settings: a preset with flag-by-flag overrides."
-    if preset not in GDD_PRESETS: raise UserError(f'--preset: unknown preset {preset!r}; expected one of {sorted(GDD_PRESETS)}')
-    cfg = dict(GDD_PRESETS[preset])
-    bad = set(overrides) - set(cfg)
-    if bad: raise UserError(f'gdd_config: unknown settings {sorted(bad)}; expected some of {sorted(cfg)}')
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return {'preset': preset, **cfg}
+def gdd_config(preset: str | None = None, # key of GDD_PRESETS
+               **values) -> GDDConfig: # field values (or alias spellings) replacing the preset's
+    "A checked `GDDConfig` from Python: preset < values."
+    if preset is not None and preset not in GDD_PRESETS: raise UserError(f'--preset: unknown preset {preset!r}; expected one of {sorted(GDD_PRESETS)}')
+    vals = {k: str(v) if isinstance(v, Path) else v for k, v in resolve_values(GDDConfig, GDD_ALIASES, values).items()}
+    return make_config(GDDConfig, {**GDD_PRESETS.get(preset, {}), **vals}, 'gdd_config', world_size_from_env())
 
 # %% ../nbs/50_gdd.ipynb #373a2dfc
 def gdd_dataset(data: str = 'toy', resolution: int = 8, toy_n: int = 2048, toy_classes: int = 4, seed: int = 0):
@@ -266,24 +352,28 @@ def one_step_fp32(G, latents, class_labels=None, sigma: float = 80., randn_like=
     s = torch.full([latents.shape[0]], float(sigma), dtype=latents.dtype, device=latents.device)
     return G(latents * sigma, s, class_labels, force_fp32=True)
 
-def fp32_copy(G: nn.Module) -> nn.Module:
-    "A copy of the generator whose backbone runs in float32 (for saving and evaluation; training used bf16 on CUDA)."
-    import copy
-    g = copy.deepcopy(unwrap_model(G)); g.amp_dtype = None
+def _set_fp32(g: nn.Module) -> nn.Module:
+    g.amp_dtype = None
     if hasattr(g, 'init_kwargs'): g.init_kwargs['amp_dtype'] = None
     return g
 
-def gdd_fid_fn(ref: str, detector: str | None, n: int, sigma_g: float, batch: int = 64):
-    "A `MetricCallback` function: FID of the EMA generator's one-step fp32 samples against reference statistics `ref`."
-    from distill_nb.metrics import compute_metrics, load_detector
-    state = {}
-    def fid(learn):
-        if 'det' not in state: state['det'] = load_detector(detector, learn.device)
-        net = learn.ema.module()
-        imgs = generate_images(net, list(range(n)), batch_size=batch, device=learn.device, sampler=one_step_fp32, sigma=sigma_g)
-        res = compute_metrics(imgs, ref=ref, detector=state['det'], metrics=('fid',), device=learn.device)
-        return next(v for k, v in res.items() if k.startswith('fid'))
-    return fid
+def fp32_copy(G: nn.Module) -> nn.Module:
+    "A copy of the generator whose backbone runs in float32 (for saving and evaluation; training used bf16 on CUDA)."
+    return _set_fp32(copy.deepcopy(unwrap_model(G)))
+
+class PublishFP32(Callback):
+    "After training, the generator to publish (its EMA copy if kept) runs its backbone in float32, as the reference samples (`force_fp32`)."
+    order = 100
+    def __init__(self, model: str = 'G'): self.model = model
+    def after_fit(self, learn): _set_fp32(final_module(learn, self.model))
+
+def _gdd_sample_fn(sigma_g: float):
+    "`sample(learn, seeds)`: one-step fp32 samples of model 'G' (the EMA copy when the run keeps one) in [-1, 1]; seed s asks class s mod L."
+    def sample(learn, seeds):
+        G = unwrap_model(learn.models['G'])
+        z, c, _ = seed_latents(G, seeds, learn.device)
+        with torch.no_grad(): return one_step_fp32(G, z, c, sigma_g).float().clamp(-1, 1)
+    return sample
 
 def _backbone_weights(spec: str):
     if spec == 'random': return None
@@ -291,85 +381,59 @@ def _backbone_weights(spec: str):
     raise UserError(f"--backbone_weights: expected 'registry' or 'random', got {spec!r}")
 
 # %% ../nbs/50_gdd.ipynb #1fb86604
-def check_gdd_settings(cfg: dict, # resolved settings (`gdd_config`)
-                       **run) -> dict: # run flags: steps, kimg, fid_every, fid_n, ckpt_every, max_keep, log_every, resolution, toy_n, num_workers, r1_gamma
-    "A `UserError` naming the flag for a batch, learning rate, duration, interval or size that cannot work; returns `cfg`."
-    for flag, key in [('--batch', 'batch'), ('--g_lr', 'g_lr'), ('--d_lr', 'd_lr'), ('--mimg', 'mimg'), ('--sigma_g', 'sigma_g'),
-                      ('--r1_every', 'r1_every'), ('--feature_size', 'feature_size')]:
-        check_positive(flag, cfg[key])
-    check_positive('--ema', cfg['ema_mimg'], allow_zero=True)
-    if cfg['freeze'] not in GDD_FREEZE_RULES: raise UserError(f'--freeze: expected one of {sorted(GDD_FREEZE_RULES)}, got {cfg["freeze"]!r}')
-    if int(cfg['batch']) != cfg['batch']: raise UserError(f'--batch: expected a whole number of images, got {cfg["batch"]!r}')
-    for flag in ('steps', 'kimg', 'fid_every', 'fid_n', 'ckpt_every', 'log_every', 'resolution', 'toy_n'):
-        if run.get(flag) is not None: check_positive(f'--{flag}', run[flag])
-    for flag in ('max_keep', 'num_workers', 'r1_gamma'):
-        if run.get(flag) is not None: check_positive('--workers' if flag == 'num_workers' else f'--{flag}', run[flag], allow_zero=True)
-    return cfg
-
-def train_gdd(run_dir: str | Path = 'runs/gdd', # run folder: config, metrics, checkpoints, final network
-              preset: str = 'toy', # key of GDD_PRESETS
-              teacher: str | nn.Module | None = None, # teacher file/URL/builtin (default: the preset's), or a module
-              data: str = 'toy', # 'toy' or a dataset path
-              resolution: int = 8, toy_n: int = 2048, toy_classes: int = 4, # toy dataset
-              steps: int | None = None, kimg: float | None = None, # duration (default: the preset's Mimg)
-              fid_ref: str | None = None, fid_detector: str | None = None, fid_every: int = 1000, fid_n: int = 10000, # FID while training
-              ckpt_every: int = 500, max_keep: int | None = 3, resume: str | None = None, # checkpoints / resume
-              overwrite: bool = False, # replace a previous run in run_dir (else refused unless resuming)
-              log_every: int = 10, device: str | None = None, seed: int = 42, num_workers: int = 0,
-              wandb: str = 'disabled', wandb_project: str = 'distill_nb', progress: bool = True,
-              **overrides) -> Learner: # preset values: batch, g_lr, d_lr, ema_mimg, backbones, freeze, cond, r1_gamma, ...
-    "Distil an EDM teacher into a one-step generator with GDD / GDD-I (Zheng & Yang 2024); returns the learner."
-    r1_gamma, adam_eps = overrides.pop('r1_gamma', None), overrides.pop('adam_eps', None)
-    cfg = check_gdd_settings(gdd_config(preset, **overrides), steps=steps, kimg=kimg, fid_every=fid_every, fid_n=fid_n, ckpt_every=ckpt_every,
-                             max_keep=max_keep, log_every=log_every, resolution=resolution, toy_n=toy_n, num_workers=num_workers, r1_gamma=r1_gamma)
-    info = init_distributed(device)
-    batch = check_divisible('--batch', cfg['batch'], info.world_size, 'the number of processes')
-    seed_everything(seed * 1000 + info.rank)
-    ds = gdd_dataset(data, resolution, toy_n, toy_classes, seed)
-    tname = teacher if teacher is not None else cfg['teacher']
-    if tname is None:
-        C, R = ds.image_shape[0], ds.image_shape[-1]
-        tnet = tiny_gdd_teacher(R, C, ds.label_dim if cfg['cond'] else 0)
-    else: tnet = tname if isinstance(tname, nn.Module) else load_network(tname, 'cpu')
-    if tuple(ds.image_shape) != (tnet.img_channels, tnet.img_resolution, tnet.img_resolution):
+def gdd_teacher(cfg: GDDConfig, ds, # the run's config and real dataset
+                teacher_net: nn.Module | None = None) -> nn.Module: # a teacher module (Python callers), else `cfg.teacher` is read
+    "The EDM teacher: `teacher_net`, the file `cfg.teacher`, or a tiny random one shaped like the data; checked against the data and --arch/--cres."
+    if teacher_net is not None: t = teacher_net
+    elif cfg.teacher is not None: t = load_network(cfg.teacher, 'cpu')
+    else: t = tiny_gdd_teacher(ds.image_shape[-1], ds.image_shape[0], ds.label_dim if cfg.cond else 0)
+    if tuple(ds.image_shape) != (t.img_channels, t.img_resolution, t.img_resolution):
         raise UserError(f'--data: images are {"x".join(map(str, ds.image_shape))} but the teacher makes '
-                        f'{tnet.img_channels}x{tnet.img_resolution}x{tnet.img_resolution} (channels x resolution x resolution)')
-    cond = bool(cfg['cond'])
-    if cond and tnet.label_dim != ds.label_dim:
-        raise UserError(f'--cond: the teacher has label_dim={tnet.label_dim} but the dataset has {ds.label_dim} classes (use --uncond or the matching data)')
-    if not cond and tnet.label_dim: raise UserError('--uncond: the teacher is class-conditional; GDD trains it with real labels (use --cond)')
-    G, rep = gdd_generator(tnet, sigma_max=cfg['sigma_g'])
-    fr = apply_freeze(G, cfg['freeze'])
-    D = ProjectedDiscriminator(cfg['backbones'], G.label_dim if cond else 0, cfg['feature_size'], _backbone_weights(cfg['backbone_weights']),
-                               cfg['diffaug'], cout=cfg['cout'], max_head_channels=cfg['max_head_channels'], seed=seed)
-    if r1_gamma is None:
-        r1_gamma = r1_gamma_equivalent(cfg['r1_gamma_ref'], D.logits_per_backbone, gdd_ref_batch_per_gpu(cfg))
-    if adam_eps is None: adam_eps = adam_eps_equivalent(cfg['adam_eps_ref'], gdd_ref_batch_per_gpu(cfg))
+                        f'{t.img_channels}x{t.img_resolution}x{t.img_resolution} (channels x resolution x resolution)')
+    if cfg.cond and t.label_dim != ds.label_dim:
+        raise UserError(f'--cond: the teacher has label_dim={t.label_dim} but the dataset has {ds.label_dim} classes (use --uncond or the matching data)')
+    if not cfg.cond and t.label_dim: raise UserError('--uncond: the teacher is class-conditional; GDD trains it with real labels (use --cond)')
+    kw = getattr(t, 'init_kwargs', {})
+    if cfg.arch is not None and kw.get('model_type') != GDD_ARCHS[cfg.arch]:
+        raise UserError(f'--arch {cfg.arch}: the teacher is a {kw.get("model_type")}, not a {GDD_ARCHS[cfg.arch]}')
+    if cfg.cres is not None and list(kw.get('channel_mult', [])) != _int_list('--cres', cfg.cres):
+        raise UserError(f'--cres {cfg.cres}: the teacher has channel_mult {kw.get("channel_mult")}')
+    return t
+
+def build_gdd(cfg: GDDConfig, # a checked config
+              info, # this process (`DistInfo`)
+              teacher_net: nn.Module | None = None) -> RunParts: # a teacher module instead of `cfg.teacher`
+    "Generator (teacher at σ_g, GDD-I frozen), projected discriminator, G/D/R1 steps and real data of a GDD run (Zheng & Yang 2024)."
+    ds = gdd_dataset(cfg.data, cfg.resolution, cfg.toy_n, cfg.toy_classes, cfg.seed)
+    tnet = gdd_teacher(cfg, ds, teacher_net)
+    G, rep = gdd_generator(tnet, sigma_max=cfg.sigma_g, amp_dtype='bf16' if cfg.fp16 else None, dropout=cfg.dropout)
+    fr = apply_freeze(G, cfg.freeze)
+    D = ProjectedDiscriminator(cfg.backbones, G.label_dim if cfg.cond else 0, cfg.feature_size, _backbone_weights(cfg.backbone_weights),
+                               cfg.diffaug, cout=cfg.cout, max_head_channels=cfg.max_head_channels, seed=cfg.seed)
+    r1_gamma = (cfg.r1_gamma if cfg.r1_gamma is not None else r1_gamma_equivalent(cfg.r1_gamma_ref, D.logits_per_backbone, gdd_ref_batch_per_gpu(cfg))) if cfg.use_gp else 0.
+    adam_eps = cfg.adam_eps if cfg.adam_eps is not None else adam_eps_equivalent(cfg.adam_eps_ref, gdd_ref_batch_per_gpu(cfg))
     G, D = G.to(info.device), D.to(info.device)
     sanitize_grads(G); sanitize_grads(D.heads)
-    steps_ = gdd_steps(G, D, cfg['g_lr'], cfg['d_lr'], cfg['sigma_g'], r1_gamma, cfg['r1_every'], cond, adam_eps)
-    n_steps = int(steps) if steps is not None else max(1, math.ceil((kimg * 1e3 if kimg is not None else cfg['mimg'] * 1e6) / batch))
-    ema = EMA('G', halflife_kimg=cfg['ema_mimg'] * 1000, rampup_ratio=0.05)
-    cbs = [ema, Checkpointer(ckpt_every, max_keep), MetricsLogger(log_every), WandbLogger(wandb_project, wandb, every=log_every)]
-    if fid_ref is not None: cbs.append(MetricCallback(gdd_fid_fn(fid_ref, fid_detector, fid_n, cfg['sigma_g']), fid_every, 'fid'))
-    if progress: cbs.append(ProgressCB(log_every))
-    run_cfg = {**cfg, 'r1_gamma': r1_gamma, 'adam_eps': adam_eps, 'teacher': tname if isinstance(tname, (str, type(None))) else type(tname).__name__,
-               'data': data, 'n_steps': n_steps, 'seed': seed, 'world_size': info.world_size, 'generator': G.init_kwargs,
-               'init_report': {'skipped': rep['skipped'], 'missing': rep['missing']},
-               'freeze_counts': {k: len(v) for k, v in fr.items()}, 'freeze_rule': freeze_rule(cfg['freeze'])}
-    learn = Learner({'G': G, 'D': D.heads, 'F': D.features}, steps_, ResumableLoader(ds, batch // info.world_size, seed=seed, num_workers=num_workers),
-                    cbs, device=info.device, amp=None, run_dir=run_dir, config=run_cfg, overwrite=overwrite, outputs=['network-final.safetensors'])
-    learn.ema, learn.D, learn.gdd_config = ema, D, run_cfg
-    if learn.is_main and progress:
-        print(f'GDD: skipped teacher keys {rep["skipped"]}; {freeze_rule(cfg["freeze"])}; r1_gamma={r1_gamma:.3g}')
-        print(freeze_table(G, cfg['freeze']))
-    learn.fit(n_steps, resume=resume)
-    if learn.is_main:
-        with write_guard(Path(run_dir)/'network-final.safetensors', 'the final network', Path(run_dir)/'checkpoints'):
-            save_network(fp32_copy(ema.module()), Path(run_dir)/'network-final.safetensors',
-                         meta={'sampler': {'kind': 'one_step', 'sigma': float(cfg['sigma_g'])},
-                               'provenance': {**learn.provenance(), 'step': learn.step, 'method': 'gdd-i' if cfg['freeze'] else 'gdd'}})
-    return learn
+    steps = gdd_steps(G, D, cfg.g_lr, cfg.d_lr, cfg.sigma_g, r1_gamma, cfg.r1_every, cfg.cond, adam_eps)
+    if info.is_main and cfg.progress:
+        print(f'GDD: skipped teacher keys {rep["skipped"]}; {freeze_rule(cfg.freeze)}; r1_gamma={r1_gamma:.3g}'); print(freeze_table(G, cfg.freeze))
+    record = dict(r1_gamma=r1_gamma, adam_eps=adam_eps, method='gdd-i' if cfg.freeze else 'gdd', generator=G.init_kwargs,
+                  teacher=cfg.teacher if teacher_net is None else type(teacher_net).__name__, img_shape=list(ds.image_shape),
+                  init_report={'skipped': rep['skipped'], 'missing': rep['missing']},
+                  freeze_counts={k: len(v) for k, v in fr.items()}, freeze_rule=freeze_rule(cfg.freeze))
+    return RunParts(models={'G': G, 'D': D.heads, 'F': D.features}, steps=steps, data=run_loader(cfg, info, ds),
+                    sample=_gdd_sample_fn(cfg.sigma_g), final={'network-final.safetensors': ('G', {'kind': 'one_step', 'sigma': float(cfg.sigma_g)})},
+                    ema='G', label_dim=G.label_dim if cfg.cond else 0, callbacks=[PublishFP32('G')], record=record)
+
+def train_gdd(cfg: GDDConfig | str | Path | None = None, # a config, or the run folder (then `values` give the rest)
+              cbs=(), # extra callbacks
+              teacher_net: nn.Module | None = None, # a teacher module instead of `cfg.teacher` (notebooks, the demo)
+              **values) -> Learner: # `preset=` and field values (or alias spellings; `teacher=` may be a module) when `cfg` is not a config
+    "Distil an EDM teacher into a one-step generator with GDD / GDD-I (Zheng & Yang 2024) through `run_training`; returns the learner."
+    if isinstance(values.get('teacher'), nn.Module): teacher_net = values.pop('teacher')
+    if not isinstance(cfg, GDDConfig): cfg = gdd_config(**({'run_dir': cfg} if cfg is not None else {}), **values)
+    elif values: cfg = gdd_config(**{**dataclasses.asdict(cfg), **values})
+    return run_training(cfg, partial(build_gdd, teacher_net=teacher_net), cbs)
 
 # %% ../nbs/50_gdd.ipynb #da407f6f
 def toy_sample_distance(G: nn.Module, real: torch.Tensor, n: int = 512, sigma_g: float = 80., seed: int = 0) -> float:
@@ -381,53 +445,7 @@ def toy_sample_distance(G: nn.Module, real: torch.Tensor, n: int = 512, sigma_g:
     return sliced_wasserstein(x.flatten(1).cpu(), real[:n].flatten(1), seed=seed)
 
 # %% ../nbs/50_gdd.ipynb #6c9a0739
-_WANDB_MODE = Param('Weights & Biases mode', str, choices=['online', 'offline', 'disabled'])
-
-@cli
-def gdd_train(
-    preset: Param('Settings preset', str, choices=list(GDD_PRESETS)) = 'toy',
-    run_dir: str = 'runs/gdd', # Run folder (config, metrics, checkpoints, network-final.safetensors)
-    teacher: str = None, # Teacher: EDM .pkl, distill_nb .safetensors, URL or builtin:<name> [default: the preset's]
-    data: str = 'toy', # 'toy' or a dataset path (EDM zip/folder, image folder, LMDB)
-    resolution: int = 8, # Toy dataset: image resolution
-    toy_n: int = 2048, # Toy dataset: number of images
-    cond: store_true = False, # Class-conditional (labels of the real batch) [default: the preset's]
-    uncond: store_true = False, # Unconditional [default: the preset's]
-    batch: int = None, # Total batch size [preset]
-    g_lr: float = None, # Generator learning rate [preset]
-    d_lr: float = None, # Discriminator learning rate before the lazy-R1 correction [preset]
-    mimg: float = None, # Training length in millions of images [preset]
-    kimg: float = None, # Training length in thousands of images (instead of --mimg)
-    steps: int = None, # Training length in iterations (instead of --mimg)
-    ema: float = None, # EMA half-life in millions of images (capped at 5% of images seen) [preset]
-    backbones: str = None, # Comma-separated discriminator backbones [preset]
-    backbone_weights: Param("'registry' (pretrained, local files) or 'random'", str) = None,
-    freeze: int = None, # 0 = GDD, 1 = GDD-I (conv0/conv1/proj frozen), 2 = also qkv, 3 = also qkv and skip [preset]
-    sigma_g: float = None, # Generator noise level [80]
-    r1_gamma: float = None, # R1 weight in the mean convention [default: the reference's 1e-4 converted]
-    r1_every: int = None, # Lazy R1 interval [16]
-    diffaug: str = None, # DiffAugment policy, e.g. 'color,translation,cutout' ['' = off]
-    feature_size: int = None, # Discriminator input resize [224]
-    fid_ref: str = None, # Reference statistics .npz for FID during training
-    fid_detector: str = None, # Detector weights for FID [default: the registry's Inception]
-    fid_every: int = 1000, # Iterations between FIDs
-    fid_n: int = 10000, # Images per FID
-    ckpt_every: int = 500, # Iterations between checkpoints
-    max_keep: int = 3, # Checkpoints to keep (0 = all)
-    resume: str = None, # Checkpoint folder or 'latest'
-    overwrite: store_true = False, # Replace a previous run in --run_dir (its checkpoints, metrics, final network)
-    log_every: int = 10, # Iterations per metrics record
-    device: str = None, # cpu, cuda [default: cuda if available]
-    seed: int = 42, # Random seed
-    workers: int = 0, # DataLoader worker processes
-    wandb: _WANDB_MODE = 'disabled',
-    no_progress: store_true = False, # Hide the progress bar
-):
+@config_cli(GDDConfig, aliases=GDD_ALIASES, presets=GDD_PRESETS)
+def gdd_train(cfg: GDDConfig):
     "Distil an EDM teacher into a one-step generator with GDD / GDD-I (Zheng & Yang 2024)."
-    if cond and uncond: raise UserError('give at most one of --cond / --uncond')
-    train_gdd(run_dir, preset, teacher, data, resolution, toy_n, steps=steps, kimg=kimg, fid_ref=fid_ref, fid_detector=fid_detector,
-              fid_every=fid_every, fid_n=fid_n, ckpt_every=ckpt_every, max_keep=max_keep or None, resume=resume, overwrite=overwrite, log_every=log_every,
-              device=device, seed=seed, num_workers=workers, wandb=wandb, progress=not no_progress,
-              cond=True if cond else False if uncond else None, batch=batch, g_lr=g_lr, d_lr=d_lr, mimg=mimg, ema_mimg=ema,
-              backbones=backbones, backbone_weights=backbone_weights, freeze=freeze, sigma_g=sigma_g, r1_gamma=r1_gamma,
-              r1_every=r1_every, diffaug=diffaug, feature_size=feature_size)
+    train_gdd(cfg)

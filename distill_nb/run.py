@@ -92,7 +92,7 @@ def standard_callbacks(cfg: RunConfig, parts: RunParts) -> list:
     cbs = []
     if cfg.ema > 0 and parts.ema is not None: cbs.append(EMA(parts.ema, halflife_kimg=cfg.ema, rampup_ratio=cfg.ema_rampup or None))
     cbs += [Checkpointer(cfg.ckpt_every or 10**12, cfg.max_keep or None), MetricsLogger(cfg.log_every)]
-    if cfg.wandb != 'disabled': cbs.append(WandbLogger(cfg.wandb_project, cfg.wandb, every=cfg.log_every))
+    if cfg.wandb != 'disabled': cbs.append(WandbLogger(cfg.wandb_project, cfg.wandb, cfg.wandb_name, cfg.wandb_entity, every=cfg.log_every))
     if cfg.sample_every and parts.sample is not None:
         cbs.append(SampleGrid(_ema_sample(parts.sample, cbs), cfg.sample_every, cfg.grid_samples))
     if cfg.fid_every and parts.sample is not None:

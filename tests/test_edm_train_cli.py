@@ -66,11 +66,11 @@ def test_dataset_path_and_unconditional(tmp_path):
 
 
 def test_bad_flags(tmp_path):
-    from distill_nb.edm_train import train_edm
+    from distill_nb.edm_train import train_edm, edm_config
     with pytest.raises(FileNotFoundError, match='missing.zip does not exist'): train_edm(tmp_path/'r', data=str(tmp_path/'missing.zip'), steps=1, device='cpu')
     r = _cli(['--arch', 'huge', *TINY], tmp_path, check=False)
     assert r.returncode != 0 and 'invalid choice' in r.stderr
-    with pytest.raises(ValueError, match='exactly one of --steps or --kimg'): train_edm(tmp_path/'x', steps=2, kimg=1.0, device='cpu')
+    assert edm_config(steps=2, kimg=1.0).total_steps() == 2  # --steps wins over --kimg (RunConfig's rule for every trainer)
 
 
 def _one_line_error(r, prog='edm_train'):
@@ -110,18 +110,17 @@ def test_bad_flag_values_one_line(tmp_path, args, msg):
 
 def test_flag_checks_in_process(tmp_path):
     from distill_nb.core import UserError
-    from distill_nb.edm_train import train_edm, _check_edm_args
+    from distill_nb.edm_train import train_edm, EDMTrainConfig
     kw = dict(toy_n=8, batch=4, sample_every=0, device='cpu', progress=False, steps=1)
     for bad, msg in [(dict(ema_rampup_ratio=-0.1), '--ema_rampup'), (dict(dropout=1.5), '--dropout: expected a probability in [0, 1], got 1.5'),
-                     (dict(lr=-1e-3), '--lr'), (dict(ckpt_every=0), '--ckpt_every'), (dict(log_every=-1), '--log_every'),
-                     (dict(toy_classes=0), '--toy_classes'), (dict(ema_halflife_kimg=-1.), '--ema: expected a non-negative number, got -1.0'),
+                     (dict(lr=-1e-3), '--lr'), (dict(log_every=-1), '--log_every'), (dict(ckpt_every=-1), '--ckpt_every'),
+                     (dict(toy_classes=0), '--toy_classes'), (dict(ema=-1.), '--ema: expected a non-negative number, got -1.0'),
                      (dict(resolution=0), '--resolution: expected a positive number, got 0'), (dict(steps=-2), '--steps'),
-                     (dict(steps=None, kimg=0.), '--kimg'), (dict(batch=2.5), '--batch: expected an integer, got 2.5')]:
+                     (dict(steps=None, kimg=0.), '--kimg'), (dict(batch_gpu=0), '--batch_gpu'), (dict(snap=0), '--snap'),
+                     (dict(cbase=-1), '--cbase')]:
         with pytest.raises(UserError, match=msg.replace('[', r'\[').replace(']', r'\]')): train_edm(tmp_path/'x', **{**kw, **bad})
-    import inspect
-    args = {k: v.default for k, v in inspect.signature(train_edm).parameters.items()}
-    with pytest.raises(UserError, match=r'--batch: 64 is not divisible by the number of processes \(3\)'): _check_edm_args(args, 3)
-    _check_edm_args(args, 4)  # 64 = 4 x 16 is fine
+    with pytest.raises(UserError, match=r'--batch: 64 is not divisible by the number of processes \(3\)'): EDMTrainConfig().check(3)
+    EDMTrainConfig().check(4)  # 64 = 4 x 16 is fine
     assert not (tmp_path/'x').exists()
 
 
@@ -138,7 +137,7 @@ def test_resume_with_a_network_that_does_not_fit(tmp_path):
 def test_truncated_latest_checkpoint_falls_back_exactly(tmp_path):
     "A truncated newest checkpoint: a warning naming the file, then an exact resume from the previous one (was a PytorchStreamReader error naming no file)."
     from distill_nb.edm_train import train_edm
-    kw = dict(toy_n=16, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=2, max_keep=None, lr=5e-3)
+    kw = dict(toy_n=16, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=2, max_keep=0, lr=5e-3)
     full = train_edm(tmp_path/'a', steps=6, **kw)
     train_edm(tmp_path/'b', steps=4, **kw)
     ts = tmp_path/'b'/'checkpoints'/'step-00000004'/'training_state.pt'
@@ -164,13 +163,77 @@ def test_truncated_checkpoints_cli_message(tmp_path):
 def test_full_disk_writing_the_final_network(tmp_path, monkeypatch):
     "ENOSPC while writing network-final: the path and the surviving checkpoint are named; no partial file is left."
     import errno
-    from distill_nb import edm_train
+    from distill_nb import edm_train, run as run_mod
     from distill_nb.core import UserError
     def full_disk(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(edm_train, 'save_module', full_disk)
+    monkeypatch.setattr(run_mod, 'save_module', full_disk)  # the final save is run_training's (distill_nb.run.save_final)
     run = tmp_path/'r'
     with pytest.raises(UserError) as e:
         edm_train.train_edm(run, toy_n=8, batch=4, sample_every=0, device='cpu', progress=False, ckpt_every=2, steps=2)
     assert str(e.value) == (f"{run/'network-final.safetensors'}: could not write the final network (No space left on device); "
                             f"the previous checkpoint {run/'checkpoints'/'step-00000002'} is intact")
     assert not any(p.name.startswith('.tmp') for p in run.iterdir())
+
+
+# --- the run layer (issue 14): EDM's command lines parse to the intended config and run; one meaning per flag ---
+
+# NVlabs/edm README commands (train.py), with this machine's data path; --augment is 0 here (not implemented, see the notebook)
+EDM_SEED_LINES = {
+    'cifar10-cond': ['--outdir=training-runs', '--data={data}', '--cond=1', '--arch=ddpmpp'],
+    'ffhq-64': ['--outdir=training-runs', '--data={data}', '--cond=0', '--arch=ddpmpp', '--batch=256', '--cres=1,2,2,2', '--lr=2e-4',
+                '--dropout=0.05', '--augment=0'],
+    'imagenet-64': ['--outdir=training-runs', '--data={data}', '--cond=1', '--arch=adm', '--duration=2500', '--batch=4096', '--lr=1e-4',
+                    '--ema_mimg=50', '--dropout=0.10', '--augment=0', '--fp16=1', '--ls=100', '--tick=200'],
+}
+
+
+@pytest.mark.parametrize('name', list(EDM_SEED_LINES))
+def test_seed_command_lines_parse(name):
+    from distill_nb.config import parse_config
+    from distill_nb.edm_train import EDMTrainConfig, EDM_ALIASES, EDM_TRAIN_PRESETS, EDM_PRESETS, edm_config, _int_list
+    argv = [a.format(data='d.zip') for a in EDM_SEED_LINES[name]]
+    c = parse_config(EDMTrainConfig, argv, EDM_ALIASES, EDM_TRAIN_PRESETS, world_size=2)
+    assert c.run_dir == 'training-runs' and c.data == 'd.zip' and c.augment == 0
+    p = edm_config(name)  # the preset holds the same settings as the command line (lr, dropout, EMA; unset dropout: the arch's)
+    drop = lambda cfg: cfg.dropout if cfg.dropout is not None else EDM_PRESETS[cfg.arch]['dropout']
+    for k in ('cond', 'arch', 'lr', 'ema'): assert getattr(c, k) == getattr(p, k), k
+    assert drop(c) == drop(p)
+    # without --preset the defaults are this package's (batch 64, 1000 iterations); with it, EDM's (batch 512, 200 Mimg)
+    c = parse_config(EDMTrainConfig, ['--preset', name] + argv, EDM_ALIASES, EDM_TRAIN_PRESETS, world_size=2)
+    assert (c.batch, c.kimg) == (p.batch, p.kimg) and c.local_batch(2) == p.batch // 2
+    if name == 'imagenet-64':
+        assert (c.kimg, c.batch, c.local_batch(2), c.ema, c.precision, c.ls, c.tick) == (2_500_000., 4096, 2048, 50_000., 'fp16', 100., 200.)
+    if name == 'ffhq-64': assert _int_list('--cres', c.cres) == [1, 2, 2, 2] and c.batch == 256
+
+
+def test_batch_is_global_and_snap_dump_are_ticks():
+    from distill_nb.config import parse_config
+    from distill_nb.edm_train import EDMTrainConfig, EDM_ALIASES
+    c = parse_config(EDMTrainConfig, ['--batch', '8', '--snap', '2', '--dump', '5', '--tick', '0.004'], EDM_ALIASES, world_size=2)
+    assert (c.batch, c.local_batch(2)) == (8, 4)  # EDM's --batch is the total batch: no conversion
+    assert c.ckpt_every == 1  # min(2, 5) ticks x 4 images / 8 per iteration
+    c = parse_config(EDMTrainConfig, ['--batch', '8', '--dump', '6', '--tick', '0.004'], EDM_ALIASES, world_size=2)
+    assert c.ckpt_every == 3
+
+
+def test_seed_command_line_runs_tiny_steps(tmp_path):
+    "EDM's CIFAR-10 command, shrunk to the toy data and a tiny network, runs end to end, also with --batch-gpu (gradient accumulation)."
+    base = ['--outdir', tmp_path/'a', '--data', 'toy', '--cond=1', '--arch', 'tiny', '--resolution', 8, '--toy_n', 16, '--batch', 4,
+            '--duration', 0.000008, '--snap', 1, '--tick', 0.008, '--sample_every', 0, '--device', 'cpu', '--no_progress', '--log_every', 1]
+    _cli(base, tmp_path)
+    cfg = json.loads((tmp_path/'a'/'config.json').read_text())['config']
+    assert (cfg['n_steps'], cfg['ckpt_every'], cfg['cond'], cfg['arch']) == (2, 2, True, 'tiny')
+    _cli([str(tmp_path/'b') if a == tmp_path/'a' else a for a in base] + ['--batch-gpu', 2], tmp_path)
+    la = [json.loads(l)['edm/loss'] for l in (tmp_path/'a'/'metrics.jsonl').read_text().splitlines()]
+    lb = [json.loads(l)['edm/loss'] for l in (tmp_path/'b'/'metrics.jsonl').read_text().splitlines()]
+    # two micro-batches of 2 draw their noise in another order, so the losses differ; both runs take 2 updates of 4 images
+    assert len(la) == len(lb) == 2 and all(0 < x < 10 for x in la + lb)
+    st = torch.load(tmp_path/'b'/'checkpoints'/'step-00000002'/'training_state.pt', weights_only=True)
+    assert st['n_img'] == 8
+
+
+def test_python_entry_accepts_the_old_keywords(tmp_path):
+    "`train_edm(run_dir, ...)` with the pre-run-layer keyword names (nbs/90's recipe) still resolves through the aliases."
+    from distill_nb.edm_train import edm_config
+    c = edm_config(run_dir=tmp_path/'r', ema_halflife_kimg=10., n_samples=4, num_workers=0, cond=False, delete_ckpts=True)
+    assert (c.run_dir, c.ema, c.grid_samples, c.cond, c.max_keep) == (str(tmp_path/'r'), 10., 4, False, 1)

@@ -24,7 +24,7 @@ def test_cli_trains_resumes_and_saves(tmp_path):
     meta = read_network_meta(run / 'network-final.safetensors')
     assert meta['sampler'] == {'kind': 'one_step', 'sigma': 80.0}
     cfg = json.loads((run / 'config.json').read_text())['config']
-    assert cfg['preset'] == 'toy' and cfg['batch'] == 8 and cfg['freeze'] == 1 and cfg['freeze_counts']['frozen'] > 0
+    assert cfg['method_config'] == 'GDDConfig' and cfg['batch'] == 8 and cfg['freeze'] == 1 and cfg['freeze_counts']['frozen'] > 0
     assert [p.name for p in list_checkpoints(run / 'checkpoints')] == ['step-00000003']
     # resume to 5 iterations from the latest checkpoint
     r = _cli('--preset', 'toy', '--run_dir', run, '--steps', 5, '--ckpt_every', 100, '--toy_n', 64, '--batch', 8,
@@ -43,16 +43,16 @@ def test_cli_bad_preset(tmp_path):
 def test_teacher_file_conditional_gdd(tmp_path):
     t = tiny_gdd_teacher(8, 3, label_dim=4)
     save_network(t, tmp_path / 'teacher.safetensors')
-    learn = train_gdd(tmp_path / 'run', 'toy', teacher=str(tmp_path / 'teacher.safetensors'), toy_n=64, steps=2, device='cpu',
+    learn = train_gdd(tmp_path / 'run', preset='toy', teacher=str(tmp_path / 'teacher.safetensors'), toy_n=64, steps=2, device='cpu',
                       progress=False, cond=True, freeze=0, batch=8, diffaug='color,translation,cutout', r1_every=1, r1_gamma=0.1)
     assert learn.update_counts == {'G': 2, 'D': 2, 'R1': 2}
-    assert learn.gdd_config['freeze_counts']['frozen'] == 0 and learn.D.heads.cls is not None
+    assert learn.config['freeze_counts']['frozen'] == 0 and learn.unwrapped('D').cls is not None
     # GDD (freeze 0): every generator parameter is in the optimizer
     assert len(learn.steps[0].params) == len(list(learn.unwrapped('G').parameters()))
 
 
 def test_gddi_optimizer_holds_only_trainable(tmp_path):
-    learn = train_gdd(tmp_path / 'run', 'toy', toy_n=64, steps=1, device='cpu', progress=False, batch=8, freeze=2)
+    learn = train_gdd(tmp_path / 'run', preset='toy', toy_n=64, steps=1, device='cpu', progress=False, batch=8, freeze=2)
     G = learn.unwrapped('G')
     opt_ids = {id(p) for p in learn.steps[0].params}
     for n, p in G.named_parameters():
@@ -66,21 +66,21 @@ def test_gddi_optimizer_holds_only_trainable(tmp_path):
 
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match='--cond'):
-        train_gdd(tmp_path / 'a', 'toy', teacher=tiny_gdd_teacher(8, 3, label_dim=3), toy_n=16, steps=1, device='cpu', progress=False, cond=True)
+        train_gdd(tmp_path / 'a', preset='toy', teacher=tiny_gdd_teacher(8, 3, label_dim=3), toy_n=16, steps=1, device='cpu', progress=False, cond=True)
     with pytest.raises(ValueError, match='--data'):
-        train_gdd(tmp_path / 'b', 'toy', teacher=tiny_gdd_teacher(16, 3), toy_n=16, steps=1, device='cpu', progress=False)
+        train_gdd(tmp_path / 'b', preset='toy', teacher=tiny_gdd_teacher(16, 3), toy_n=16, steps=1, device='cpu', progress=False)
     with pytest.raises(FileNotFoundError, match='--data'):
-        train_gdd(tmp_path / 'c', 'toy', data=str(tmp_path / 'nope.zip'), steps=1, device='cpu', progress=False)
+        train_gdd(tmp_path / 'c', preset='toy', data=str(tmp_path / 'nope.zip'), steps=1, device='cpu', progress=False)
     with pytest.raises(ValueError, match='--freeze'):
-        train_gdd(tmp_path / 'd', 'toy', toy_n=16, steps=1, device='cpu', progress=False, freeze=7)
+        train_gdd(tmp_path / 'd', preset='toy', toy_n=16, steps=1, device='cpu', progress=False, freeze=7)
 
 
 def test_presets():
     for name in ('cifar10-uncond', 'cifar10-cond', 'afhqv2-64', 'ffhq-64', 'imagenet-64'):
         c = gdd_config(name)
-        assert c['freeze'] == 1 and c['r1_every'] == 16 and c['sigma_g'] == 80 and c['feature_size'] == 224
-    assert gdd_config('imagenet-64')['batch'] == 512 and gdd_config('imagenet-64')['g_lr'] == 8e-6
-    assert gdd_config('afhqv2-64', d_lr=1e-5)['d_lr'] == 1e-5
+        assert c.freeze == 1 and c.r1_every == 16 and c.sigma_g == 80 and c.feature_size == 224 and c.ema == 500 * (100 if name == 'imagenet-64' else 1)
+    assert gdd_config('imagenet-64').batch == 512 and gdd_config('imagenet-64').g_lr == 8e-6
+    assert gdd_config('afhqv2-64', d_lr=1e-5).d_lr == 1e-5
 
 
 def test_ddp_two_processes_with_r1(tmp_path):
@@ -105,7 +105,7 @@ def test_fid_during_training(tmp_path):
     det = save_tiny_detector(tmp_path / 'det.safetensors', dim=16, resolution=8)
     ds = gdd_dataset('toy', 8, 64)
     compute_ref_stats(torch.stack([ds[i][0] for i in range(64)]), tmp_path / 'ref.npz', detector=det)
-    train_gdd(tmp_path / 'run', 'toy', toy_n=64, steps=2, device='cpu', progress=False, batch=8,
+    train_gdd(tmp_path / 'run', preset='toy', toy_n=64, steps=2, device='cpu', progress=False, batch=8,
                       fid_ref=str(tmp_path / 'ref.npz'), fid_detector=str(det), fid_every=1, fid_n=32)
     fids = [json.loads(l).get('fid') for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     fids = [f for f in fids if f is not None]
@@ -141,37 +141,37 @@ def test_cli_teacher_does_not_fit_data(tmp_path):
                                         (dict(d_lr=-1e-4), '--d_lr'), (dict(kimg=0.), '--kimg'), (dict(ema_mimg=-1.), '--ema'),
                                         (dict(r1_every=0), '--r1_every'), (dict(r1_gamma=-1.), '--r1_gamma'), (dict(sigma_g=0.), '--sigma_g'),
                                         (dict(freeze=5), '--freeze'), (dict(feature_size=0), '--feature_size'), (dict(toy_n=0), '--toy_n'),
-                                        (dict(ckpt_every=0), '--ckpt_every'), (dict(log_every=0), '--log_every'), (dict(fid_n=-5), '--fid_n'),
-                                        (dict(max_keep=-1), '--max_keep'), (dict(num_workers=-1), '--workers'), (dict(mimg=0.), '--mimg')])
+                                        (dict(ckpt_every=-1), '--ckpt_every'), (dict(log_every=0), '--log_every'), (dict(fid_n=-5), '--fid_samples'),
+                                        (dict(max_keep=-1), '--max_keep'), (dict(num_workers=-1), '--workers'), (dict(mimg=0.), '--kimg')])
 def test_bad_settings(tmp_path, kw, needle):
     from distill_nb.core import UserError
     args = dict(toy_n=16, steps=1, device='cpu', progress=False); args.update(kw)
-    with pytest.raises(UserError, match=needle): train_gdd(tmp_path / 'r', 'toy', **args)
+    with pytest.raises(UserError, match=needle): train_gdd(tmp_path / 'r', preset='toy', **args)
     assert not (tmp_path / 'r').exists()
 
 
 def test_batch_not_divisible_by_world_size(tmp_path, monkeypatch):
     from types import SimpleNamespace
-    import distill_nb.gdd as gdd
+    import distill_nb.run as run_mod
     from distill_nb.core import UserError
-    monkeypatch.setattr(gdd, 'init_distributed', lambda device=None: SimpleNamespace(world_size=3, rank=0, device=torch.device('cpu'), is_main=True))
+    monkeypatch.setattr(run_mod, 'init_distributed', lambda device=None: SimpleNamespace(world_size=3, rank=0, device=torch.device('cpu'), is_main=True))
     with pytest.raises(UserError, match=r'--batch: 8 is not divisible by the number of processes \(3\)'):
-        train_gdd(tmp_path / 'r', 'toy', toy_n=16, steps=1, device='cpu', progress=False, batch=8)
+        train_gdd(tmp_path / 'r', preset='toy', toy_n=16, steps=1, device='cpu', progress=False, batch=8)
 
 
 def test_teacher_label_dim_does_not_fit(tmp_path):
     from distill_nb.core import UserError
     with pytest.raises(UserError, match='label_dim=3 but the dataset has 4 classes'):
-        train_gdd(tmp_path / 'a', 'toy', teacher=tiny_gdd_teacher(8, 3, label_dim=3), toy_n=16, steps=1, device='cpu', progress=False, cond=True)
+        train_gdd(tmp_path / 'a', preset='toy', teacher=tiny_gdd_teacher(8, 3, label_dim=3), toy_n=16, steps=1, device='cpu', progress=False, cond=True)
     with pytest.raises(UserError, match='--uncond: the teacher is class-conditional'):
-        train_gdd(tmp_path / 'b', 'toy', teacher=tiny_gdd_teacher(8, 3, label_dim=4), toy_n=16, steps=1, device='cpu', progress=False, cond=False)
+        train_gdd(tmp_path / 'b', preset='toy', teacher=tiny_gdd_teacher(8, 3, label_dim=4), toy_n=16, steps=1, device='cpu', progress=False, cond=False)
 
 
 def test_presets_adam_eps_is_the_references(tmp_path):
     "The trainer's optimisers use ε = 1e-8 / (batch / 4 reference GPUs) (see the notebook's Adam test)."
-    learn = train_gdd(tmp_path / 'run', 'toy', toy_n=16, steps=1, device='cpu', progress=False, batch=16)
+    learn = train_gdd(tmp_path / 'run', preset='toy', toy_n=16, steps=1, device='cpu', progress=False, batch=16)
     assert {s.opt.param_groups[0]['eps'] for s in learn.steps} == {1e-8 / 4}
-    assert learn.gdd_config['adam_eps'] == 1e-8 / 4
+    assert learn.config['adam_eps'] == 1e-8 / 4
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -186,3 +186,75 @@ def test_existing_run_is_not_overwritten(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     steps = [json.loads(l)['step'] for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
     assert len(steps) == 2 and steps == sorted(set(steps))  # one step sequence, not two
+
+
+# --- the run layer (issue 14): the reference's command lines parse to the intended config and run; exact resume ---
+
+def _train_sh_lines():
+    "The 10 command lines of Zyriix/GDD's train.sh (GDD and GDD-I), as (name, argv) with --ema in Mimg spelled --ema_mimg."
+    common = ['--workers=4', '--dropout=0', '--fp16=True', "--loss-type=ns", '--r1-gamma=1e-4', '--diffaug=False', "--r1-type=r1",
+              '--ada-target=0', '--use-gp=True', "--d-type=xl", '--seed=42', '--precond=gdd', '--loss=gdd']
+    runs = {'cifar10-uncond': ['--backbone=1', '--ema_mimg=0.5', '--batch=256', '--dlr=1e-4', '--lr=1e-4', '--cond=0', '--arch=ncsnpp', '--duration=5'],
+            'cifar10-cond': ['--backbone=1', '--ema_mimg=0.5', '--batch=256', '--dlr=1e-4', '--lr=1e-4', '--cond=1', '--arch=ncsnpp', '--duration=5'],
+            'afhqv2-64': ['--backbone=0', '--ema_mimg=0.5', '--batch=256', '--dlr=4e-5', '--lr=2e-5', '--cond=0', '--arch=ncsnpp', '--duration=10', '--cres=1,2,2,2'],
+            'ffhq-64': ['--backbone=0', '--ema_mimg=0.5', '--batch=256', '--dlr=4e-5', '--lr=2e-5', '--cond=0', '--arch=ncsnpp', '--duration=10', '--cres=1,2,2,2'],
+            'imagenet-64': ['--backbone=0', '--ema_mimg=50', '--batch=512', '--dlr=4e-5', '--lr=8e-6', '--cond=1', '--arch=adm', '--duration=10']}
+    out = []
+    for freeze in (0, 1):
+        for name, flags in runs.items():
+            extra = ['--augment=0'] if freeze == 0 else []  # the GDD (not -I) lines also pass --augment=0
+            out.append((name, freeze, [f'--freeze={freeze}', *flags, f'--outdir=runs/{name}-{freeze}', f'--transfer=pretrained/{name}.pkl',
+                                       f'--data=datasets/{name}.zip', *common, *extra]))
+    return out
+
+
+@pytest.mark.parametrize('name, freeze, argv', _train_sh_lines())
+def test_reference_command_lines_parse(name, freeze, argv):
+    from distill_nb.config import parse_config
+    from distill_nb.gdd import GDDConfig, GDD_ALIASES, GDD_PRESETS
+    c = parse_config(GDDConfig, argv, GDD_ALIASES, GDD_PRESETS, world_size=2)
+    p = gdd_config(name)
+    for k in ('backbones', 'ema', 'batch', 'g_lr', 'd_lr', 'cond', 'kimg', 'seed', 'r1_gamma_ref', 'diffaug', 'fp16'): assert getattr(c, k) == getattr(p, k), k
+    assert (c.freeze, c.run_dir, c.teacher, c.data, c.workers, c.dropout, c.use_gp) == (freeze, f'runs/{name}-{freeze}', f'pretrained/{name}.pkl',
+                                                                                        f'datasets/{name}.zip', 4, 0., True)
+    assert c.local_batch(2) == c.batch // 2  # the reference's --batch is global: no conversion under WORLD_SIZE=2
+    assert c.total_steps() == round(c.kimg * 1000 / c.batch)
+
+
+def test_reference_command_line_runs_tiny_steps(tmp_path):
+    "train.sh's GDD-I CIFAR-10 line on the toy data, a tiny teacher and the tiny backbone: 2 iterations with an R1 step, through the CLI."
+    flags = ['--workers=0', '--freeze=1', '--ema_mimg=0.5', '--dropout=0', '--batch=8', '--dlr=1e-4', '--lr=1e-4', '--cond=0',
+             '--duration=0.000016', f'--outdir={tmp_path / "run"}', '--fp16=True', '--loss-type=ns', '--r1-gamma=1e-4', '--diffaug=False',
+             '--r1-type=r1', '--ada-target=0', '--use-gp=True', '--d-type=xl', '--seed=42', '--precond=gdd', '--loss=gdd',
+             '--r1_every=2', '--toy_n=16', '--device=cpu', '--no_progress', '--log_every=1']
+    r = _cli(*flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / 'run' / 'config.json').read_text())['config']
+    assert (cfg['n_steps'], cfg['ema'], cfg['g_lr'], cfg['freeze'], cfg['method']) == (2, 500., 1e-4, 1, 'gdd-i')
+    recs = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in recs] == [1, 2] and 'R1/r1' in recs[1]
+
+
+def test_exact_resume_bitwise(tmp_path):
+    "4 iterations in one go equal 2 + a resume to 4: generator, EMA and discriminator heads bitwise, same losses."
+    kw = dict(preset='toy', toy_n=16, batch=4, device='cpu', progress=False, ckpt_every=2, r1_every=2, sample_every=0, log_every=1)
+    full = train_gdd(tmp_path / 'a', steps=4, **kw)
+    train_gdd(tmp_path / 'b', steps=2, **kw)
+    res = train_gdd(tmp_path / 'b', steps=4, resume='latest', **kw)
+    for m in ('G', 'D'):
+        for p, q in zip(full.unwrapped(m).parameters(), res.unwrapped(m).parameters()): assert torch.equal(p, q), m
+    for p, q in zip(full.ema.module().parameters(), res.ema.module().parameters()): assert torch.equal(p, q)
+    la, lb = [[json.loads(l) for l in (tmp_path / d / 'metrics.jsonl').read_text().splitlines()] for d in 'ab']
+    assert [r.get('G/gan') for r in la] == [r.get('G/gan') for r in lb]
+
+
+def test_teacher_module_and_arch_check(tmp_path):
+    "A module teacher from Python (`teacher_net=`); --arch/--cres check it."
+    from distill_nb.core import UserError
+    t = tiny_gdd_teacher(8, 3)
+    learn = train_gdd(gdd_config('toy', run_dir=tmp_path / 'a', toy_n=16, steps=1, device='cpu', progress=False, arch='ncsnpp'), teacher_net=t)
+    assert learn.config['teacher'] == 'EDMPrecond'
+    with pytest.raises(UserError, match='--arch adm: the teacher is a SongUNet'):
+        train_gdd(tmp_path / 'b', teacher=t, toy_n=16, steps=1, device='cpu', progress=False, arch='adm')
+    with pytest.raises(UserError, match=r'--cres 1,2,2,2: the teacher has channel_mult \[1, 2\]'):
+        train_gdd(tmp_path / 'c', teacher=t, toy_n=16, steps=1, device='cpu', progress=False, cres='1,2,2,2')
