@@ -4,26 +4,31 @@
 
 # %% ../nbs/40_cd.ipynb #03513cf0
 from __future__ import annotations
-import math
-from dataclasses import dataclass, asdict, field
+import functools, math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 import torch
 from torch import nn
-from .core import register, store_init_kwargs, module_config, unwrap_model, seed_everything, to_jsonable
+from .core import register, store_init_kwargs, module_config, unwrap_model, to_jsonable, StackedRandomGenerator
 from .schedules import karras_sigmas
 from .precond import ConsistencyPrecond, EDMPrecond
 from .checkpoints import save_network, load_network
-from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed,
-                                list_checkpoints, write_guard)
-from .callbacks import EMA, Checkpointer, MetricsLogger
-from .core import cli, UserError, check_positive, check_range, check_file, one_hot_labels
+from .learner import Learner, TrainStep, Callback, make_optimizer
+from .samplers import consistency_sampler
+from .callbacks import EMA
+from .config import RunConfig, Alias, COMMON_ALIASES, config_cli, str2bool
+from .run import RunParts, run_training, run_loader, final_module
+from .core import UserError, check_positive, check_range, one_hot_labels
 from .losses import l2_distance, pseudo_huber_c, pseudo_huber, lpips_from_registry
 from .data.lmdb_dataset import NO_LABEL
 
 # %% auto #0
-__all__ = ['CD_OUTPUT', 'consistency_from_teacher', 'teacher_ode_step', 'cd_distance', 'ConsistencyDistillationLoss', 'AffineNet',
-           'ToyMLPNet', 'cd_learner', 'eval_network', 'save_consistency_model', 'CDConfig', 'check_choice',
-           'check_count', 'check_rate', 'check_sigmas', 'check_cd_config', 'check_cd_data', 'train_cd', 'cd_train']
+__all__ = ['OLD_AMP', 'old_amp', 'CM_IMAGENET64', 'CD_PRESETS', 'CD_ALIASES', 'CD_OUTPUT', 'consistency_from_teacher',
+           'teacher_ode_step', 'cd_distance', 'ConsistencyDistillationLoss', 'AffineNet', 'ToyMLPNet', 'TargetNetwork',
+           'check_rate', 'ema_rates', 'consistency_callbacks', 'target_of', 'cd_step', 'cd_learner', 'eval_network',
+           'save_consistency_model', 'ConsistencyConfig', 'per_process_batch', 'check_sigmas', 'check_cd_data',
+           'CDConfig', 'consistency_grid', 'build_cd', 'train_cd', 'cd_train']
 
 # %% ../nbs/40_cd.ipynb #e184c910
 def consistency_from_teacher(teacher: nn.Module, # EDM-preconditioned teacher (`EDMPrecond`, e.g. from `load_network`)
@@ -157,7 +162,66 @@ class ToyMLPNet(nn.Module):
         return self.net(torch.cat(h, 1)).reshape(-1, *self.shape)
 
 # %% ../nbs/40_cd.ipynb #5daf0e00
-def _tag(d: float) -> str: return f'{d:g}'
+class _TargetAverage(EMA):
+    "The EMA holding the target θ⁻, saved in checkpoints under its own file name."
+    def fname(self, tag: str) -> str: return f'target_{self.model_name}_{tag}.safetensors'
+
+class TargetNetwork(Callback):
+    "The consistency target θ⁻ ← μ·θ⁻ + (1 − μ)·θ after each student update (Song et al. 2023), kept in checkpoints."
+    order = EMA.order
+    def __init__(self, mu: float, # target EMA rate μ in (0, 1)
+                 model: str = 'student'): # the model it follows
+        self.mu, self.avg = mu, _TargetAverage(model, decay=mu)
+    def module(self) -> nn.Module: return self.avg.module()
+    def before_fit(self, learn): self.avg.before_fit(learn)
+    def after_update(self, learn): self.avg.after_update(learn)
+    def state_dict(self) -> dict: return self.avg.state_dict()
+    def load_state_dict(self, sd: dict): self.avg.load_state_dict(sd)
+    def save_files(self, d: Path): self.avg.save_files(d)
+    def load_files(self, d: Path): self.avg.load_files(d)
+
+def check_rate(flag: str, value):
+    "`value` if it is an EMA rate in [0, 1) (1 would never move), else a `UserError` naming `flag`."
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise UserError(f'{flag}: expected an EMA rate in [0, 1), got {value!r}')
+    return value
+
+def ema_rates(text, flag: str = '--ema_rate') -> list[float]:
+    "Per-step EMA decays from a comma-separated string (0 or empty: none), each in [0, 1); else a `UserError` naming `flag`."
+    try: rates = [float(s) for s in str(text).split(',') if s.strip()]
+    except ValueError: raise UserError(f'{flag}: expected comma-separated EMA rates in [0, 1), e.g. 0.999,0.9999; got {text!r}') from None
+    for r in rates: check_rate(flag, r)
+    return [r for r in rates if r > 0]
+
+def consistency_callbacks(target_ema: float, # μ of the target (0: the stop-gradient student is the target)
+                          eval_rates=(), # per-step decays of evaluation EMAs (the first is published)
+                          model: str = 'student') -> tuple:
+    "(target callback or None, evaluation `EMA` or None) of a consistency student."
+    return (TargetNetwork(target_ema, model) if target_ema > 0 else None,
+            EMA(model, decay=list(eval_rates)) if eval_rates else None)
+
+def target_of(learn: Learner, target: TargetNetwork | None, model: str = 'student') -> nn.Module:
+    "The network the consistency target is computed with: the EMA target, or the student itself (stop-gradient)."
+    return target.module() if target is not None else learn.unwrapped(model)
+
+def cd_step(student: nn.Module, # consistency student (e.g. `consistency_from_teacher`)
+            loss: ConsistencyDistillationLoss, # the CD loss
+            target: TargetNetwork | None, # the target callback (None: stop-gradient student)
+            lr: float = 1e-4, # learning rate
+            optimizer: str = 'radam', # 'radam' (CM code), 'adam', 'adamw'
+            clip: float | None = None, # gradient-norm clipping
+            weight_decay: float = 0., # optimizer weight decay
+            micro_batch: int | None = None) -> TrainStep: # gradient-accumulation micro-batch per process (None: whole batch)
+    "The one `TrainStep` of consistency distillation; batches are (x0,) or (x0, labels)."
+    params = list(student.parameters())
+    opt = torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay) if optimizer == 'radam' else \
+          make_optimizer(params, lr, kind=optimizer, weight_decay=weight_decay)
+    label_dim = int(getattr(student, 'label_dim', 0) or 0)
+    def cd_loss(learn, b):
+        x0 = b[0] if isinstance(b, (list, tuple)) else b
+        labels = b[1] if isinstance(b, (list, tuple)) and len(b) > 1 else None
+        return loss(learn.models['student'], target_of(learn, target), x0, one_hot_labels(labels, label_dim, x0.device))
+    return TrainStep('cd', cd_loss, opt, clip=clip, micro_batch=micro_batch)
 
 def cd_learner(student: nn.Module, # consistency student (e.g. `consistency_from_teacher`)
                teacher: nn.Module, # frozen teacher denoiser
@@ -165,33 +229,22 @@ def cd_learner(student: nn.Module, # consistency student (e.g. `consistency_from
                loss: ConsistencyDistillationLoss, # the CD loss
                lr: float = 1e-4, # learning rate
                target_ema: float = 0.95, # μ, EMA rate of the target θ⁻; 0 = stop-grad student (improved CT)
-               ema: float | None = 0.9999, # extra EMA for evaluation (None: none)
+               ema: float | None = 0.9999, # per-step decay of an evaluation EMA (None: none)
                optimizer: str = 'radam', # 'radam' (CM code), 'adam', 'adamw'
                clip: float | None = None, # gradient-norm clipping
                cbs: list | None = None, # extra callbacks
                **learner_kwargs) -> Learner: # device, amp, compile, run_dir, config, ...
-    "A Learner that trains `student` by consistency distillation with an EMA target (Song et al. 2023)."
-    if not 0 <= target_ema < 1: raise UserError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
-    params = list(student.parameters())
-    opt = torch.optim.RAdam(params, lr=lr) if optimizer == 'radam' else make_optimizer(params, lr, kind=optimizer)
-    rates = sorted({r for r in ([target_ema] if target_ema > 0 else []) + ([ema] if ema else [])})
-    ema_cb = EMA('student', decay=rates) if rates else None
-    label_dim = int(getattr(student, 'label_dim', 0) or 0)
-    def target():
-        return ema_cb.module(_tag(target_ema)) if target_ema > 0 else unwrap_model(learn.models['student'])
-    def cd_step(learn, b):
-        x0 = b[0] if isinstance(b, (list, tuple)) else b
-        labels = b[1] if isinstance(b, (list, tuple)) and len(b) > 1 else None
-        return loss(learn.models['student'], target(), x0, one_hot_labels(labels, label_dim, x0.device))
-    learn = Learner({'student': student, 'teacher': teacher}, [TrainStep('cd', cd_step, opt, clip=clip)], loader,
-                    cbs=([ema_cb] if ema_cb else []) + list(cbs or []), **learner_kwargs)
-    learn.ema_cb, learn.target_ema, learn.eval_ema = ema_cb, target_ema, ema
+    "A bare Learner for CD on in-memory modules and data (notebooks, benchmarks); runs go through `train_cd`."
+    check_rate('--target_ema', target_ema)
+    target, ev = consistency_callbacks(target_ema, ema_rates(ema or 0, '--ema'))
+    learn = Learner({'student': student, 'teacher': teacher}, [cd_step(student, loss, target, lr, optimizer, clip)], loader,
+                    cbs=[c for c in (ev, target) if c] + list(cbs or []), **learner_kwargs)
+    learn.ema, learn.target = ev, target
     return learn
 
 def eval_network(learn: Learner) -> nn.Module:
     "The network to evaluate/save: the evaluation EMA if there is one, else the student."
-    if learn.eval_ema: return learn.ema_cb.module(_tag(learn.eval_ema))
-    return learn.unwrapped('student')
+    return final_module(learn, 'student')
 
 # %% ../nbs/40_cd.ipynb #4408cbc3
 def save_consistency_model(net: nn.Module, # the consistency model (EMA or student)
@@ -204,37 +257,55 @@ def save_consistency_model(net: nn.Module, # the consistency model (EMA or stude
 
 # %% ../nbs/40_cd.ipynb #1eef705d
 @dataclass
-class CDConfig:
-    "Settings of a consistency-distillation run (defaults: CM's CD on ImageNet-64/CIFAR-10, Song et al. 2023)."
-    teacher_model_path: str = None; data: str = 'toy'; output_path: str = 'cd_run'
-    batch_size: int = 64; lr: float = 8e-6; optimizer: str = 'radam'; train_iters: int = 10000
-    num_scales: int = 40; skip: int = 1; solver: str = 'heun'; loss: str = 'l2'; weighting: str = 'uniform'
-    target_ema: float = 0.95; ema: float | None = 0.9999; clip: float | None = None
-    sigma_min: float = 0.002; sigma_max: float = 80.; rho: float = 7.
-    lpips_vgg_path: str | None = None; lpips_lin_path: str | None = None; lpips_resize: int = 224
-    sample_sigmas: list = field(default_factory=lambda: [80.])
-    ckpt_every: int = 1000; max_keep: int | None = 2; log_every: int = 50
-    wandb_project: str | None = None; wandb_name: str | None = None
-    resume: bool = False; overwrite: bool = False; device: str | None = None; seed: int = 0; amp: str | None = 'auto'
-    compile: bool = False; toy_size: int = 2048
+class ConsistencyConfig(RunConfig):
+    "Settings shared by consistency distillation (CD) and its latent, guided form (LCM): the grid, the target, the optimiser."
+    teacher: str | None = None  # the teacher network file
+    lr: float = 8e-6  # learning rate
+    weight_decay: float = 0.  # optimizer weight decay
+    micro_batch: int | None = None  # gradient accumulation: micro-batches of this many samples per process (default: the whole batch)
+    num_scales: int = 40  # N, points of the Karras grid σ_max … σ_min
+    skip: int = 1  # k, grid steps between the two points of a pair (LCM's skipping step)
+    solver: Literal['heun', 'euler'] = 'heun'  # teacher ODE solver
+    target_ema: float = 0.95  # μ, EMA rate of the target network per update (0: the stop-gradient student, as improved CT)
+    ema_rate: str = '0.9999'  # evaluation EMA decay(s) per update, comma-separated; the largest is published (0: none; --ema > 0 replaces them)
+    clip: float | None = None  # gradient-norm clipping (default: none)
+    sigma_min: float = 0.002  # σ_min, the boundary noise level (f(x, σ_min) = x)
+    sigma_max: float = 80.  # σ_max, the largest noise level
+    rho: float = 7.  # ρ of the Karras grid
 
-def check_choice(flag: str, value, choices):
-    "`value` if it is one of `choices`, else a `UserError` naming `flag` and the choices."
-    if value not in choices: raise UserError(f'{flag}: expected one of {", ".join(map(str, choices))}, got {value!r}')
-    return value
+    def check(self, world_size: int = 1): # number of processes the batch is split over
+        "The shared checks, then the grid, target and optimiser settings; a `UserError` names the first bad flag."
+        super().check(world_size)
+        check_positive('--lr', self.lr); check_positive('--weight_decay', self.weight_decay, allow_zero=True)
+        if self.micro_batch is not None: check_positive('--micro_batch', self.micro_batch)
+        if isinstance(self.num_scales, bool) or not isinstance(self.num_scales, int) or self.num_scales < 2:
+            raise UserError(f'--num_scales: expected an integer >= 2 (grid points), got {self.num_scales!r}')
+        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or not 1 <= self.skip <= self.num_scales - 1:
+            raise UserError(f'--skip: expected 1 <= k <= num_scales - 1 = {self.num_scales - 1}, got {self.skip!r}')
+        for f in ('sigma_min', 'sigma_max', 'rho'): check_positive(f'--{f}', getattr(self, f))
+        if self.sigma_min >= self.sigma_max: raise UserError(f'--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}')
+        if self.clip is not None: check_positive('--clip', self.clip)
+        check_rate('--target_ema', self.target_ema); self.eval_rates()
+        return self
 
-def check_count(flag: str, value, lo: int = 1) -> int:
-    "`value` if it is an integer >= `lo` (a count of iterations, samples, grid points, ...), else a `UserError`."
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise UserError(f'{flag}: expected an integer >= {lo}, got {value!r}')
-    return value
+    def eval_rates(self) -> list[float]:
+        "The evaluation EMA decays, largest (published) first; none when the run keeps an EDM half-life EMA (`--ema` > 0)."
+        rates = sorted(ema_rates(self.ema_rate), reverse=True)
+        return [] if self.ema > 0 else rates
 
-def check_rate(flag: str, value, optional: bool = False):
-    "`value` if it is an EMA rate in [0, 1) (1 would never move; None allowed when `optional`), else a `UserError`."
-    if optional and value is None: return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise UserError(f'{flag}: expected an EMA rate in [0, 1), got {value!r}')
-    return value
+def per_process_batch(flag: str): # the alias as typed, e.g. '--batch_size'
+    "Alias conversion of a per-process batch flag to the global `--batch` (value × world size), refusing non-positive values."
+    return lambda v, ws: check_positive(flag, v) * ws
+
+def _fixed_only(flag: str):
+    "Alias conversion of consistency_models' schedule modes: only `fixed` is implemented."
+    def f(v, ws):
+        if v != 'fixed': raise UserError(f'{flag}: only fixed is implemented (a constant target EMA and grid), got {v!r}')
+        return 'consistency_distillation'
+    return f
+
+OLD_AMP = {'auto': 'auto', 'bf16': 'bf16', 'none': 'fp32'}
+old_amp = Alias('amp', 'precision', lambda v, ws: OLD_AMP.get(v, v), str, 'old spelling: auto, bf16 or none (= fp32)')
 
 def check_sigmas(flag: str, sigmas, sigma_min: float, sigma_max: float) -> list[float]:
     "Sampling noise levels: non-empty, strictly decreasing, inside (σ_min, σ_max]; else a `UserError` naming `flag`."
@@ -242,27 +313,6 @@ def check_sigmas(flag: str, sigmas, sigma_min: float, sigma_max: float) -> list[
     if not s or any(a <= b for a, b in zip(s, s[1:])) or s[-1] <= sigma_min or s[0] > sigma_max:
         raise UserError(f'{flag}: expected strictly decreasing noise levels in ({sigma_min}, {sigma_max}], e.g. 80,0.8; got {s}')
     return s
-
-def check_cd_config(cfg: CDConfig) -> CDConfig:
-    "Flag checks of a CD run, named as on the command line: a `UserError` before anything is loaded or written."
-    if not cfg.teacher_model_path: raise UserError('--teacher_model_path is required: the EDM teacher to distil')
-    for f in ('batch_size', 'train_iters', 'ckpt_every', 'log_every', 'toy_size', 'lpips_resize'): check_count(f'--{f}', getattr(cfg, f))
-    if cfg.max_keep is not None: check_count('--max_keep', cfg.max_keep)
-    check_count('--num_scales', cfg.num_scales, 2)
-    if not isinstance(cfg.skip, int) or not 1 <= cfg.skip <= cfg.num_scales - 1:
-        raise UserError(f'--skip: expected 1 <= k <= num_scales - 1 = {cfg.num_scales - 1}, got {cfg.skip!r}')
-    for f in ('lr', 'sigma_min', 'sigma_max', 'rho'): check_positive(f'--{f}', getattr(cfg, f))
-    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
-    if cfg.clip is not None: check_positive('--clip', cfg.clip)
-    check_rate('--target_ema', cfg.target_ema); check_rate('--ema', cfg.ema, optional=True)
-    check_choice('--optimizer', cfg.optimizer, ('radam', 'adam', 'adamw')); check_choice('--solver', cfg.solver, ('heun', 'euler'))
-    check_choice('--loss', cfg.loss, ('l2', 'pseudo_huber', 'lpips')); check_choice('--weighting', cfg.weighting, ('uniform', 'ict'))
-    check_choice('--amp', cfg.amp, ('auto', 'bf16', 'none', None))
-    check_sigmas('--sample_sigmas', cfg.sample_sigmas, cfg.sigma_min, cfg.sigma_max)
-    if cfg.data != 'toy' and not Path(cfg.data).exists():
-        raise UserError(f'--data {cfg.data}: no such dataset (LMDB folder, image folder/zip, or "toy")')
-    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
-    return cfg
 
 def check_cd_data(ds, teacher, data: str, teacher_path: str):
     "The dataset fits the teacher: same image shape; labels for a class-conditional teacher, within its classes."
@@ -279,6 +329,56 @@ def check_cd_data(ds, teacher, data: str, teacher_path: str):
     if hasattr(ds, 'labels') and (n := int((torch.as_tensor(ds.labels()) == NO_LABEL).sum())):
         raise UserError(f'--data {data}: {n} images have no class label, but the teacher {teacher_path} is class-conditional')
 
+# %% ../nbs/40_cd.ipynb #5466bdb6
+@dataclass
+class CDConfig(ConsistencyConfig):
+    "Settings of a consistency-distillation run (Song et al. 2023); `--preset cm-imagenet64-lpips` is the paper's ImageNet-64 run."
+    teacher: str | None = None  # EDM teacher: EDM *.pkl, distill_nb *.safetensors or builtin:tiny-edm
+    data: str = 'toy'  # training images: LMDB folder, image folder/zip, or 'toy' (procedural shapes at the teacher's resolution)
+    toy_size: int = 2048  # images in the 'toy' dataset
+    training_mode: Literal['consistency_distillation'] = 'consistency_distillation'  # consistency_models' mode (only distillation here)
+    optimizer: Literal['radam', 'adam', 'adamw'] = 'radam'  # optimizer (RAdam, as consistency_models)
+    loss: Literal['l2', 'pseudo_huber', 'lpips'] = 'l2'  # distance d(f_θ, f_θ⁻): L2, pseudo-Huber (iCT) or LPIPS-VGG
+    weighting: Literal['uniform', 'ict'] = 'uniform'  # loss weight λ: uniform, or 1/(σ_i − σ_{i+k}) (improved CT)
+    lpips_vgg_path: str | None = None  # VGG16 weights for --loss lpips (default: weights registry 'vgg16-torchvision')
+    lpips_lin_path: str | None = None  # LPIPS heads for --loss lpips (default: weights registry 'vgg16-lpips')
+    lpips_resize: int = 224  # LPIPS input resolution (bilinear resize)
+    sample_sigmas: str = '80'  # sampling noise levels stored with the model, comma-separated (e.g. 80,0.8)
+
+    def check(self, world_size: int = 1): # number of processes the batch is split over
+        "Every flag of a CD run; a `UserError` names the first bad one, before anything is loaded or written."
+        super().check(world_size)
+        check_positive('--toy_size', self.toy_size); check_positive('--lpips_resize', self.lpips_resize)
+        self.sigmas()
+        if self.data != 'toy' and not Path(self.data).exists():
+            raise UserError(f'--data {self.data}: no such dataset (LMDB folder, image folder/zip, or "toy")')
+        return self
+
+    def sigmas(self) -> list[float]:
+        "The sampling levels of `--sample_sigmas`, checked."
+        return check_sigmas('--sample_sigmas', _floats('--sample_sigmas', self.sample_sigmas), self.sigma_min, self.sigma_max)
+
+CM_IMAGENET64 = dict(batch=2048, lr=8e-6, num_scales=40, target_ema=0.95, ema_rate='0.999,0.9999,0.9999432189950708', steps=600000,
+                     precision='fp16', weight_decay=0., ckpt_every=10000, log_every=10, weighting='uniform', solver='heun')
+CD_PRESETS = {
+    'cm-imagenet64-lpips': dict(CM_IMAGENET64, loss='lpips'),  # consistency_models README, CD (LPIPS) on ImageNet-64
+    'cm-imagenet64-l2': dict(CM_IMAGENET64, loss='l2'),  # the same with L2 (the README's --loss_norm l2 run)
+    'toy': dict(lr=2e-4, target_ema=0.95, ema_rate='0', num_scales=18, loss='l2', precision='fp32'),  # distill_demo --method cd
+}
+
+CD_ALIASES = COMMON_ALIASES + (
+    Alias('teacher_model_path', 'teacher'), Alias('data_dir', 'data'),
+    Alias('global_batch_size', 'batch', note='global, as consistency_models'),
+    Alias('batch_size', 'batch', per_process_batch('--batch_size'), int, 'per process, as consistency_models and the old cd_train'),
+    Alias('microbatch', 'micro_batch', lambda v, ws: None if v == -1 else v, int, 'consistency_models; -1: none'),
+    Alias('train_iters', 'steps'), Alias('total_training_steps', 'steps'),
+    Alias('save_interval', 'ckpt_every'), Alias('log_interval', 'log_every'),
+    Alias('start_ema', 'target_ema', note='with --target_ema_mode fixed'), Alias('start_scales', 'num_scales', note='with --scale_mode fixed'),
+    Alias('target_ema_mode', 'training_mode', _fixed_only('--target_ema_mode'), str, 'only fixed'),
+    Alias('scale_mode', 'training_mode', _fixed_only('--scale_mode'), str, 'only fixed'),
+    Alias('loss_norm', 'loss', note='consistency_models parses it but always uses LPIPS; honoured here'),
+    Alias('weight_schedule', 'weighting'), old_amp)
+
 def _open_data(cfg: CDConfig, teacher):
     if cfg.data == 'toy':
         from distill_nb.toydata import ToyShapes
@@ -287,85 +387,58 @@ def _open_data(cfg: CDConfig, teacher):
     from distill_nb.data.cli import open_dataset
     return open_dataset(cfg.data)
 
-class _WandbCB(Callback):
-    order = 61
-    def __init__(self, run): self.run = run
-    def after_step(self, learn):
-        if learn.step % 10 == 0: self.run.log({k: float(v) for k, v in learn.logs.items()}, step=learn.step)
-
 CD_OUTPUT = 'consistency_model.safetensors'
 
-def train_cd(cfg: CDConfig, log_fn=print) -> Learner:
-    "Run consistency distillation from a config (the plain, tested function behind `cd_train`)."
-    check_cd_config(cfg)
-    info = init_distributed(cfg.device)
-    seed_everything(cfg.seed + info.rank)
-    teacher = load_network(cfg.teacher_model_path, info.device)
+def consistency_grid(sigmas) -> callable: # sampling levels, decreasing
+    "`sample(learn, seeds)` for grids and FID: multistep consistency samples of the published student (seed s: class s mod label_dim)."
+    def sample(learn, seeds):
+        net = final_module(learn, 'student'); L = int(getattr(net, 'label_dim', 0) or 0)
+        rnd = StackedRandomGenerator(learn.device, seeds)
+        z = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+        y = one_hot_labels(torch.tensor(seeds) % L, L, learn.device) if L else None
+        with torch.no_grad(): return consistency_sampler(net, z, y, sigmas=sigmas, randn_like=rnd.randn_like).float()
+    return sample
+
+def build_cd(cfg: CDConfig, info, # the run's config and process (`DistInfo`)
+             teacher: nn.Module | None = None, # in-memory teacher instead of --teacher
+             data=None) -> RunParts: # in-memory dataset instead of --data
+    "The networks, step, data and outputs of a CD run (Song et al. 2023, Algorithm 2)."
+    if teacher is None:
+        if not cfg.teacher: raise UserError('--teacher is required (or --teacher_model_path): the EDM teacher to distil')
+        teacher = load_network(cfg.teacher, info.device)
+    teacher = teacher.to(info.device)
     student = consistency_from_teacher(teacher, cfg.sigma_min, cfg.sigma_max)
-    ds = _open_data(cfg, teacher)
-    check_cd_data(ds, teacher, cfg.data, cfg.teacher_model_path)
+    ds = _open_data(cfg, teacher) if data is None else data
+    check_cd_data(ds, teacher, cfg.data if data is None else 'in memory', cfg.teacher or 'in memory')
     lp = lpips_from_registry(cfg.lpips_vgg_path, cfg.lpips_lin_path, cfg.lpips_resize).to(info.device) if cfg.loss == 'lpips' else None
-    lossfn = ConsistencyDistillationLoss(teacher, cfg.num_scales, cfg.skip, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max,
-                                         cfg.rho, cfg.weighting, lpips=lp)
-    run_dir = Path(cfg.output_path)
-    cbs = [Checkpointer(every=cfg.ckpt_every, max_keep=cfg.max_keep), MetricsLogger(every=cfg.log_every)]
-    run = None
-    if cfg.wandb_project and info.is_main:
-        import wandb
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, config=to_jsonable(asdict(cfg))); cbs.append(_WandbCB(run))
-    amp = cfg.amp if cfg.amp in ('auto', 'bf16') else None
-    learn = cd_learner(student, teacher, ResumableLoader(ds, cfg.batch_size, seed=cfg.seed), lossfn, cfg.lr, cfg.target_ema,
-                       cfg.ema, cfg.optimizer, cfg.clip, cbs, device=info.device, amp=amp, compile=cfg.compile,
-                       run_dir=run_dir, config=asdict(cfg), overwrite=cfg.overwrite, outputs=[CD_OUTPUT])
-    if cfg.resume and list_checkpoints(run_dir / 'checkpoints'): log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
-    learn.fit(cfg.train_iters, resume='auto' if cfg.resume else None)
-    if info.is_main:
-        with write_guard(run_dir / CD_OUTPUT, 'the consistency model', run_dir / 'checkpoints'):
-            out = save_consistency_model(eval_network(learn), run_dir / CD_OUTPUT, cfg.sample_sigmas, asdict(cfg))
-        log_fn(f'consistency model written to {out}')
-    if run is not None: run.finish()
+    loss = ConsistencyDistillationLoss(teacher, cfg.num_scales, cfg.skip, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max,
+                                       cfg.rho, cfg.weighting, lpips=lp)
+    target, ev = consistency_callbacks(cfg.target_ema, cfg.eval_rates())
+    sigmas, L = cfg.sigmas(), int(teacher.label_dim or 0)
+    return RunParts(models={'student': student, 'teacher': teacher}, data=run_loader(cfg, info, ds),
+                    steps=[cd_step(student, loss, target, cfg.lr, cfg.optimizer, cfg.clip, cfg.weight_decay, cfg.micro_batch)],
+                    sample=consistency_grid(sigmas), final={CD_OUTPUT: ('student', {'kind': 'consistency', 'sigmas': sigmas})},
+                    ema='student', label_dim=L, callbacks=[c for c in (ev, target) if c],
+                    record={'img_shape': [teacher.img_channels, teacher.img_resolution, teacher.img_resolution], 'label_dim': L})
+
+def train_cd(cfg: CDConfig, # a config (checked by `run_training`)
+             cbs=(), # extra callbacks
+             teacher: nn.Module | None = None, # in-memory teacher (an `EDMPrecond`) instead of --teacher
+             data=None, # in-memory dataset of (image, label) instead of --data
+             log=print) -> Learner: # where one-line notices go
+    "Consistency distillation from a config: the plain function behind `cd_train` (notebooks, demo, tests)."
+    learn = run_training(cfg, functools.partial(build_cd, teacher=teacher, data=data), cbs, log)
+    learn.target = next((c for c in learn.cbs if isinstance(c, TargetNetwork)), None)
+    if learn.is_main: log(f'consistency model written to {Path(cfg.run_dir) / CD_OUTPUT}')
     return learn
 
-def _floats(flag: str, text: str) -> list[float]:
-    "A comma-separated list of numbers from the command line."
+def _floats(flag: str, text) -> list[float]:
+    "A comma-separated list of numbers (or a list of numbers)."
+    if isinstance(text, (list, tuple)): return [float(v) for v in text]
     try: return [float(s) for s in str(text).split(',') if s.strip()]
     except ValueError: raise UserError(f'{flag}: expected comma-separated numbers, e.g. 80,0.8; got {text!r}') from None
 
-@cli
-def cd_train(teacher_model_path: str = None, # EDM teacher: EDM *.pkl, distill_nb *.safetensors or builtin:tiny-edm
-             data: str = 'toy', # training images: LMDB folder, image folder/zip, or 'toy'
-             output_path: str = 'cd_run', # run folder (checkpoints, logs, consistency_model.safetensors)
-             batch_size: int = 64, # per-process batch size
-             lr: float = 8e-6, # learning rate
-             optimizer: str = 'radam', # radam | adam | adamw
-             train_iters: int = 10000, # total training iterations
-             num_scales: int = 40, # N, Karras grid points
-             skip: int = 1, # k, grid steps between the pair (skipping-step)
-             solver: str = 'heun', # teacher ODE solver: heun | euler
-             loss: str = 'l2', # l2 | pseudo_huber | lpips
-             weighting: str = 'uniform', # uniform | ict
-             target_ema: float = 0.95, # μ of the target network; 0 = stop-grad student (improved CT)
-             ema: float = 0.9999, # evaluation EMA rate (0 = none; the student is saved)
-             clip: float = None, # gradient-norm clipping
-             sigma_min: float = 0.002, sigma_max: float = 80., rho: float = 7.,
-             lpips_vgg_path: str = None, # VGG16 weights (default: weights registry 'vgg16-torchvision')
-             lpips_lin_path: str = None, # LPIPS heads (default: weights registry 'vgg16-lpips')
-             sample_sigmas: str = '80', # default sampling levels stored with the model, e.g. '80,0.8'
-             ckpt_every: int = 1000, # iterations between checkpoints
-             max_keep: int = 2, # checkpoints kept
-             wandb_project: str = None, # log to this W&B project
-             resume: bool = False, # resume from the newest checkpoint in output_path
-             overwrite: bool = False, # replace a previous run in output_path (its checkpoints, metrics, consistency model)
-             device: str = None, # cpu | cuda (default: CUDA if available)
-             seed: int = 0, # random seed
-             amp: str = 'auto', # auto (bf16 on CUDA) | bf16 | none
-             compile: bool = False): # torch.compile the student
+@config_cli(CDConfig, aliases=CD_ALIASES, presets=CD_PRESETS)
+def cd_train(cfg: CDConfig):
     "Consistency distillation of an EDM teacher (Song et al. 2023)."
-    cfg = CDConfig(teacher_model_path=teacher_model_path, data=data, output_path=output_path, batch_size=batch_size, lr=lr,
-                   optimizer=optimizer, train_iters=train_iters, num_scales=num_scales, skip=skip, solver=solver, loss=loss,
-                   weighting=weighting, target_ema=target_ema, ema=ema or None, clip=clip, sigma_min=sigma_min,
-                   sigma_max=sigma_max, rho=rho, lpips_vgg_path=lpips_vgg_path, lpips_lin_path=lpips_lin_path,
-                   sample_sigmas=_floats('--sample_sigmas', sample_sigmas), ckpt_every=ckpt_every,
-                   max_keep=max_keep, wandb_project=wandb_project, resume=resume, overwrite=overwrite, device=device, seed=seed,
-                   amp=amp, compile=compile)
     train_cd(cfg)

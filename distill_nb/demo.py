@@ -26,10 +26,11 @@ from .demo_teacher import load_demo_teacher, demo_teacher_path, DEMO_TEACHER_REC
 from .core import cli
 
 # %% auto #0
-__all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'RandomConvFeatures',
-           'random_conv_stats', 'fd_random_conv', 'pixel_sw', 'demo_latents', 'toy_images', 'sample_all',
-           'DemoSettings', 'DemoStudent', 'DemoMethod', 'register_demo_method', 'available_methods', 'get_demo_method',
-           'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'results_table',
+__all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'SCM_DEMO', 'MEANFLOW_DEMO',
+           'SID_DEMO', 'RandomConvFeatures', 'random_conv_stats', 'fd_random_conv', 'pixel_sw', 'demo_latents',
+           'toy_images', 'sample_all', 'DemoSettings', 'DemoStudent', 'DemoMethod', 'register_demo_method',
+           'available_methods', 'get_demo_method', 'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs',
+           'train_dmd_demo', 'train_scm_demo', 'train_meanflow_demo', 'train_sid_demo', 'results_table',
            'save_sample_grid', 'save_loss_curves', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
 
 # %% ../nbs/91_demo.ipynb #728cbecc
@@ -148,52 +149,50 @@ def get_demo_method(name: str) -> DemoMethod:
 # %% ../nbs/91_demo.ipynb #d80a385b
 DMD2_DEMO = dict(generator_lr=5e-4, guidance_lr=2e-3, dfake_gen_update_ratio=5, warmup_step=10, max_grad_norm=10.)
 
+def _scratch_run(run_dir: Path, s: DemoSettings, info: DistInfo) -> dict:
+    "Run-layer settings shared by every demo method: a scratch run folder (replaced each time), one record per iteration, no grids."
+    return dict(run_dir=str(run_dir), batch=s.batch, steps=s.iters, seed=s.seed, device=str(info.device), ckpt_every=0, max_keep=1,
+                sample_every=0, log_every=1, overwrite=True, progress=False)
+
+def _history(run_dir: Path, keys: list[str], info: DistInfo) -> list[dict]:
+    "The loss terms per iteration from the run's metrics.jsonl (rank 0)."
+    from distill_nb.callbacks import read_metrics
+    if not info.is_main: return []
+    return [{'step': r['step'], **{k: r[k] for k in keys if k in r}} for r in read_metrics(run_dir)]
+
+def _progress(s: DemoSettings, info: DistInfo, keys: list[str]) -> list:
+    return [ProgressCB(every=10, keys=keys)] if s.progress and info.is_main else []
+
 def train_dmd2_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
     "Distil `teacher` into a one-step generator with DMD2 (Yin et al. 2024) for the demo."
-    from distill_nb.dmd2 import DMD2, DMD2Config, dmd2_learner
+    from distill_nb.dmd2 import DMD2, DMD2Config, train_dmd2
     hp = dict(DMD2_DEMO)
     if s.lr is not None: hp.update(generator_lr=s.lr, guidance_lr=4 * s.lr)
-    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
-    cfg = DMD2Config(output_path=str(outdir / 'dmd2_run'), batch_size=s.batch // info.world_size, train_iters=s.iters,
-                     log_iters=s.iters, seed=s.seed, device=str(info.device), grid_samples=16, max_checkpoint=1,
-                     num_workers=0, overwrite=True, **hp)  # the run folder is the demo's scratch space: a second demo replaces it
+    keys, run_dir = ['generator/dm', 'guidance/fake'], outdir / 'dmd2_run'
+    cfg = DMD2Config(**_scratch_run(run_dir, s, info), **hp)
     model = DMD2(teacher)
-    cbs = [ProgressCB(every=10, keys=['generator/dm', 'guidance/fake'])] if s.progress and info.is_main else []
-    learn = dmd2_learner(model, cfg, log_fn=log, cbs=cbs)
-    t0 = time.time(); learn.fit(s.iters); secs = time.time() - t0
+    t0 = time.time(); train_dmd2(cfg, cbs=_progress(s, info, keys), model=model, log_fn=log); secs = time.time() - t0
     G, sig = model.generator, model.student_sigmas[0]
-    return DemoStudent({'DMD2 student': (1, lambda z, y: one_step_sample(G, z, y, sigma=sig))}, learn.monitor.history, secs,
-                       G, {'sampler': model.sampler_meta, 'method': 'dmd2', 'dmd2': to_jsonable(asdict(cfg))},
-                       ['generator/dm', 'guidance/fake'])
+    return DemoStudent({'DMD2 student': (1, lambda z, y: one_step_sample(G, z, y, sigma=sig))}, _history(run_dir, keys, info), secs,
+                       G, {'sampler': model.sampler_meta, 'method': 'dmd2', 'dmd2': to_jsonable(asdict(cfg))}, keys)
 
 register_demo_method(DemoMethod('dmd2', 'distill_nb.dmd2', train_dmd2_demo,
                                 'DMD2: distribution matching + fake-score critic, one step (Yin et al. 2024)'))
 
 # %% ../nbs/91_demo.ipynb #2ac62742
-CD_DEMO = dict(lr=2e-4, target_ema=0.95, num_scales=18, sample_sigmas={1: [80.], 2: [80., 0.8], 4: [80., 5., 0.8, 0.2]})
+CD_DEMO = dict(sample_sigmas={1: [80.], 2: [80., 0.8], 4: [80., 5., 0.8, 0.2]})  # training settings: cd.CD_PRESETS['toy']
 
 def train_cd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
     "Distil `teacher` into a consistency model (Song et al. 2023) for the demo."
-    from distill_nb.cd import consistency_from_teacher, ConsistencyDistillationLoss, cd_learner
-    from distill_nb.learner import ResumableLoader, Callback
-    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
-    teacher = teacher.to(info.device)
-    student = consistency_from_teacher(teacher)
+    from distill_nb.cd import CDConfig, CD_PRESETS, train_cd
+    keys, run_dir = ['cd/loss'], outdir / 'cd_run'
     ds = ToyShapes(4096, teacher.img_resolution, max(int(teacher.label_dim or 0), 1), seed=0, channels=teacher.img_channels)
-    loss = ConsistencyDistillationLoss(teacher, num_scales=CD_DEMO['num_scales'], solver='heun', distance='l2')
-    hist = []
-    class _Hist(Callback):
-        order = 60
-        def after_step(self, learn): hist.append({'step': learn.step, **{k: float(v) for k, v in learn.logs.items()}})
-    cbs = [_Hist()] + ([ProgressCB(every=10, keys=['cd/loss'])] if s.progress and info.is_main else [])
-    learn = cd_learner(student, teacher, ResumableLoader(ds, s.batch // info.world_size, seed=s.seed), loss,
-                       lr=s.lr or CD_DEMO['lr'], target_ema=CD_DEMO['target_ema'], ema=None, cbs=cbs, device=info.device,
-                       amp=None, run_dir=outdir / 'cd_run', overwrite=True)
-    t0 = time.time(); learn.fit(s.iters); secs = time.time() - t0
+    cfg = CDConfig(**{**CD_PRESETS['toy'], **({'lr': s.lr} if s.lr else {})}, **_scratch_run(run_dir, s, info))
+    t0 = time.time(); learn = train_cd(cfg, teacher=teacher.to(info.device), data=ds, cbs=_progress(s, info, keys), log=log); secs = time.time() - t0
     net = learn.unwrapped('student').eval()
     mk = lambda sig: (lambda z, y: consistency_sampler(net, z, y, sigmas=sig))
     samplers = {f'CD student, {k} step{"s" if k > 1 else ""}': (k, mk(sig)) for k, sig in CD_DEMO['sample_sigmas'].items()}
-    return DemoStudent(samplers, hist, secs, net, {'sampler': {'kind': 'consistency', 'sigmas': [80.]}, 'method': 'cd'}, ['cd/loss'])
+    return DemoStudent(samplers, _history(run_dir, keys, info), secs, net, {'sampler': {'kind': 'consistency', 'sigmas': [80.]}, 'method': 'cd'}, keys)
 
 register_demo_method(DemoMethod('cd', 'distill_nb.cd', train_cd_demo,
                                 'consistency distillation: one or few steps (Song et al. 2023)'))
@@ -203,23 +202,16 @@ GDD_DEMO = dict(preset='toy', lr=1e-3, freeze=1, toy_n=4096)
 
 def train_gdd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
     "Distil `teacher` into a one-step generator with GDD-I (Zheng & Yang 2024) on real toy images, for the demo."
-    from distill_nb.gdd import train_gdd, fp32_copy
-    from distill_nb.callbacks import read_metrics
-    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
+    from distill_nb.gdd import train_gdd, gdd_config, fp32_copy
     L, lr, run_dir = int(teacher.label_dim or 0), s.lr or GDD_DEMO['lr'], outdir / 'gdd_run'
-    t0 = time.time()
-    learn = train_gdd(run_dir, GDD_DEMO['preset'], teacher=teacher, data='toy', resolution=teacher.img_resolution,
-                      toy_n=GDD_DEMO['toy_n'], toy_classes=max(L, 1), steps=s.iters, ckpt_every=10 ** 9, max_keep=1,
-                      log_every=1, device=str(info.device), seed=s.seed, progress=False, cond=bool(L), batch=s.batch,
-                      g_lr=lr, d_lr=lr, freeze=GDD_DEMO['freeze'], overwrite=True)
-    secs = time.time() - t0
+    cfg = gdd_config(GDD_DEMO['preset'], **_scratch_run(run_dir, s, info), data='toy', resolution=teacher.img_resolution,
+                     toy_n=GDD_DEMO['toy_n'], toy_classes=max(L, 1), cond=bool(L), g_lr=lr, d_lr=lr, freeze=GDD_DEMO['freeze'])
+    t0 = time.time(); learn = train_gdd(cfg, teacher_net=teacher); secs = time.time() - t0
     if not info.is_main: return DemoStudent({}, [], secs)
     G = fp32_copy(learn.ema.module()).eval()
-    hist = [{'step': r['step'], **{k: v for k, v in r.items() if k in ('G/gan', 'D/gan', 'R1/r1')}} for r in read_metrics(run_dir)]
-    name = 'GDD-I' if GDD_DEMO['freeze'] else 'GDD'
-    return DemoStudent({f'{name} student (EMA)': (1, lambda z, y: one_step_sample(G, z, y, sigma=80.))}, hist, secs, G,
-                       {'sampler': {'kind': 'one_step', 'sigma': 80.}, 'method': name.lower(),
-                        'gdd': to_jsonable(learn.gdd_config)}, ['G/gan', 'D/gan'])
+    keys, name = ['G/gan', 'D/gan', 'R1/r1'], 'GDD-I' if GDD_DEMO['freeze'] else 'GDD'
+    return DemoStudent({f'{name} student (EMA)': (1, lambda z, y: one_step_sample(G, z, y, sigma=80.))}, _history(run_dir, keys, info), secs, G,
+                       {'sampler': {'kind': 'one_step', 'sigma': 80.}, 'method': name.lower(), 'gdd': to_jsonable(learn.config)}, ['G/gan', 'D/gan'])
 
 register_demo_method(DemoMethod('gdd', 'distill_nb.gdd', train_gdd_demo,
                                 'GDD-I: GAN-only fine-tuning on real images with frozen block convolutions, one step (Zheng & Yang 2024)'))
@@ -244,38 +236,85 @@ def demo_pairs(teacher: nn.Module, # the demo teacher
 
 def train_dmd_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
     "Distil `teacher` into a one-step generator with DMD v1 (Yin et al. 2024): distribution matching + L2 regression on teacher pairs."
-    from distill_nb.dmd import DMDConfig, dmd_learner, regression_fn
+    from distill_nb.dmd import DMDConfig, train_dmd, regression_fn
     from distill_nb.dmd2 import DMD2
     from distill_nb.data.pairs import PairsDataset
-    if s.batch % info.world_size: raise UserError(f'--batch {s.batch} is not divisible by the number of processes {info.world_size}')
-    bs, run_dir = s.batch // info.world_size, outdir / 'dmd_run'
+    run_dir, keys = outdir / 'dmd_run', ['generator/dm', 'generator/reg', 'guidance/fake']
     n = min(DMD_DEMO['max_pairs'], max(s.batch, s.iters * s.batch // 8))
     t0 = time.time()
     pairs = demo_pairs(teacher, run_dir / (f'pairs_rank{info.rank}.hdf5' if info.world_size > 1 else 'pairs.hdf5'), n, info.device)
     log(f'DMD pairs: {n} teacher samples (Heun, {2 * DMD_DEMO["pair_steps"] - 1} NFE) in {time.time() - t0:.1f} s -> {pairs}')
     lr = s.lr or DMD_DEMO['generator_lr']
-    cfg = DMDConfig(output_path=str(run_dir), batch_size=bs, train_iters=s.iters, log_iters=s.iters, seed=s.seed,
-                    device=str(info.device), grid_samples=16, max_checkpoint=1, num_workers=0, generator_lr=lr,
-                    guidance_lr=4 * lr if s.lr else DMD_DEMO['guidance_lr'], dfake_gen_update_ratio=1, warmup_step=0,
-                    max_grad_norm=DMD_DEMO['max_grad_norm'], dmd_loss_lambda=DMD_DEMO['dmd_loss_lambda'], data_path=str(pairs),
-                    regression_loss='l2', overwrite=True)
+    cfg = DMDConfig(**_scratch_run(run_dir, s, info), lr=lr, guidance_lr=4 * lr if s.lr else DMD_DEMO['guidance_lr'],
+                    max_grad_norm=DMD_DEMO['max_grad_norm'], dmd_loss_lambda=DMD_DEMO['dmd_loss_lambda'], data_path=str(pairs), regression_loss='l2')
     model = DMD2(teacher)
-    learn = dmd_learner(model, cfg, PairsDataset(pairs), regression_fn('l2'), log_fn=log)
-    if s.progress and info.is_main:
-        learn.cbs = sorted(learn.cbs + [ProgressCB(every=10, keys=['generator/dm', 'generator/reg', 'guidance/fake'])], key=lambda c: c.order)
-    learn.fit(s.iters); secs = time.time() - t0  # training time includes making the pairs
+    train_dmd(cfg, cbs=_progress(s, info, keys), model=model, pairs=PairsDataset(pairs), reg_fn=regression_fn('l2'), log_fn=log)
+    secs = time.time() - t0  # training time includes making the pairs
     G = model.generator.eval()
     return DemoStudent({'DMD student': (1, lambda z, y: one_step_sample(G, z, y, sigma=model.conditioning_sigma))},
-                       learn.monitor.history, secs, G,
+                       _history(run_dir, keys, info), secs, G,
                        {'sampler': {'kind': 'one_step', 'sigma': model.conditioning_sigma}, 'method': 'dmd',
-                        'dmd': to_jsonable(asdict(cfg)), 'pairs': n},
-                       ['generator/dm', 'generator/reg', 'guidance/fake'])
+                        'dmd': to_jsonable(asdict(cfg)), 'pairs': n}, keys)
 
 register_demo_method(DemoMethod('dmd', 'distill_nb.dmd', train_dmd_demo,
                                 'DMD (v1): distribution matching + L2 regression onto teacher pairs, one step (Yin et al. 2024)'))
 
+# %% ../nbs/91_demo.ipynb #83f8b137
+SCM_DEMO = dict(optimizer='adam', lr=2e-4, warmup=100, sample_sigma=80., mid_sigma=0.821)
+MEANFLOW_DEMO = dict(target='teacher', lr=2e-4, t_max=80 / 81)  # t_max = 80/81: the teacher's σ ≤ 80
+
+def _teacher_file(s: DemoSettings) -> str:
+    "The teacher as a file for trainers that read one (the demo's --teacher, else the shipped demo teacher)."
+    return str(s.teacher or demo_teacher_path())
+
+def train_scm_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
+    "Distil `teacher` with continuous-time consistency distillation, sCD in TrigFlow (Lu & Song 2024), for the demo."
+    from distill_nb.scm import SCMConfig, train_scm
+    run_dir = outdir / 'scm_run'
+    cfg = SCMConfig(**_scratch_run(run_dir, s, info), mode='scd', teacher=_teacher_file(s), **{**SCM_DEMO, **({'lr': s.lr} if s.lr else {})})
+    t0 = time.time(); learn = train_scm(cfg, _progress(s, info, [])); secs = time.time() - t0
+    net = learn.unwrapped('student').eval()
+    mk = lambda sig: (lambda z, y: consistency_sampler(net, z, y, sigmas=sig))
+    sig1, sig2 = [cfg.sample_sigma], [cfg.sample_sigma, cfg.mid_sigma]
+    return DemoStudent({'sCD student, 1 step': (1, mk(sig1)), 'sCD student, 2 steps': (2, mk(sig2))}, _history(run_dir, ['scm/loss'], info), secs,
+                       net, {'sampler': {'kind': 'consistency', 'sigmas': sig1, 'two_step_sigmas': sig2}, 'method': 'scm'}, ['scm/loss'])
+
+def train_meanflow_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
+    "Distil `teacher`'s velocity into a MeanFlow average-velocity network (Geng et al. 2025), for the demo."
+    from distill_nb.meanflow import MeanFlowConfig, train_meanflow, meanflow_sampler
+    run_dir = outdir / 'meanflow_run'
+    cfg = MeanFlowConfig(**_scratch_run(run_dir, s, info), teacher=_teacher_file(s), **{**MEANFLOW_DEMO, **({'lr': s.lr} if s.lr else {})})
+    t0 = time.time(); learn = train_meanflow(cfg, _progress(s, info, [])); secs = time.time() - t0
+    net = learn.unwrapped('student').eval()
+    mk = lambda ts: (lambda z, y: meanflow_sampler(net, z, y, times=ts))
+    t1 = [cfg.t_max, 0.]
+    return DemoStudent({'MeanFlow student, 1 step': (1, mk(t1)), 'MeanFlow student, 2 steps': (2, mk([cfg.t_max, cfg.mid_time, 0.]))},
+                       _history(run_dir, ['meanflow/loss'], info), secs, net, {'sampler': {'kind': 'meanflow', 'times': t1}, 'method': 'meanflow'},
+                       ['meanflow/loss'])
+
+register_demo_method(DemoMethod('scm', 'distill_nb.scm', train_scm_demo, 'sCD: continuous-time consistency distillation in TrigFlow, 1 or 2 steps (Lu & Song 2024)'))
+register_demo_method(DemoMethod('meanflow', 'distill_nb.meanflow', train_meanflow_demo, 'MeanFlow: average-velocity distillation, 1 or 2 steps (Geng et al. 2025)'))
+
+# %% ../nbs/91_demo.ipynb #905caf7f
+SID_DEMO = dict(lr=1e-4, glr=1e-4, dropout=0., ema=2.)  # the 32_sid toy run: EMA half-life 2 kimg (the live generator is noisier)
+
+def train_sid_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
+    "Distil `teacher` into a one-step generator with SiD, data-free (Zhou et al. 2024), for the demo."
+    from distill_nb.sid import SiDConfig, train_sid
+    run_dir, keys = outdir / 'sid_run', ['generator/loss', 'fake/loss']
+    hp = {**SID_DEMO, **({'lr': s.lr, 'glr': s.lr} if s.lr else {})}
+    cfg = SiDConfig(**_scratch_run(run_dir, s, info), teacher=_teacher_file(s), **hp)
+    t0 = time.time(); learn = train_sid(cfg, _progress(s, info, keys)); secs = time.time() - t0
+    G, sig = (learn.ema.module() if learn.ema is not None else learn.unwrapped('generator')).eval(), cfg.sigma_init
+    return DemoStudent({'SiD student (EMA)': (1, lambda z, y: one_step_sample(G, z, y, sigma=sig))}, _history(run_dir, keys, info), secs, G,
+                       {'sampler': {'kind': 'one_step', 'sigma': sig}, 'method': 'sid'}, keys)
+
+register_demo_method(DemoMethod('sid', 'distill_nb.sid', train_sid_demo, 'SiD: score identity distillation, data-free, one step (Zhou et al. 2024)'))
+
 # %% ../nbs/91_demo.ipynb #4da9a005
 NOT_DEMO_METHODS.update({
+    'lcm': 'LCM distils a latent text-to-image DiT with classifier-free guidance (captions, a VAE); the demo teacher is a pixel-space '
+           'class-conditional EDM network. Use `lcm_train` (see nbs/42_lcm.ipynb).',
     'dkdm': 'DKDM compresses a DDPM teacher into a smaller multi-step diffusion student (data-free); it does not make a '
             'one-step generator, which is what the demo compares. Use `dkdm_train` (see nbs/62_dkdm.ipynb).'})
 
@@ -283,13 +322,15 @@ NOT_DEMO_METHODS.update({
 def _fmt_secs(s) -> str: return '-' if s is None else s if isinstance(s, str) else f'{s:.1f}'
 
 def results_table(rows: list[dict], n_eval: int) -> str:
-    "The results as a Markdown table."
-    head = f'| model | NFE | FD-toy ↓ | class acc ↑ | FD-rc ↓ | SW ↓ | sampling {n_eval} imgs (s) | training (s) |'
-    lines = [head, '|' + '---|' * 8]
+    "The results as a Markdown table (the leaderboard of `--method all`)."
+    head = ('| model | NFE | FD-toy ↓ | class acc ↑ | precision ↑ | recall ↑ | FD-rc ↓ | SW ↓ | sampling (img/s) | training images | training (s) |')
+    lines = [head, '|' + '---|' * 11]
     f = lambda v, fmt: '-' if v is None else format(v, fmt)
     for r in rows:
+        ips = None if not r.get('sample_seconds') else n_eval / r['sample_seconds']
         lines.append(f"| {r['model']} | {r['nfe'] if r['nfe'] is not None else '-'} | {f(r.get('fd_toy'), '.2f')} | {f(r.get('acc'), '.3f')} | "
-                     f"{r['fd_rc']:.3f} | {r['sw']:.4f} | {_fmt_secs(r['sample_seconds'])} | {_fmt_secs(r['train_seconds'])} |")
+                     f"{f(r.get('precision'), '.3f')} | {f(r.get('recall'), '.3f')} | {r['fd_rc']:.3f} | {r['sw']:.4f} | {f(ips, '.0f')} | "
+                     f"{f(r.get('train_images'), ',')} | {_fmt_secs(r['train_seconds'])} |")
     return '\n'.join(lines)
 
 def _class_order(n: int, label_dim: int, per_class: int = 4) -> list[int]:
@@ -308,19 +349,19 @@ def save_sample_grid(rows: dict, path: Path, idx: list[int]):
     fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.15)
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
 
-def save_loss_curves(history: list[dict], keys: list[str], path: Path, title: str = ''):
-    "Loss curves (raw and moving average, log scale) of the distillation as a PNG."
+def save_loss_curves(history: list[dict], keys: list[str], path: Path, title: str = '', titles: list[str] | None = None):
+    "Loss curves (raw and moving average, log scale when positive), one panel per key, as a PNG."
     from matplotlib.figure import Figure
     keys = [k for k in keys if any(k in h for h in history)] or sorted({k for h in history for k in h if '/' in k and not k.endswith(('lr', 'grad_norm'))})
     fig = Figure(figsize=(4 * max(len(keys), 1), 3), dpi=100)
     axs = fig.subplots(1, max(len(keys), 1), squeeze=False)[0]
-    for ax, k in zip(axs, keys):
+    for i, (ax, k) in enumerate(zip(axs, keys)):
         pts = [(h['step'], h[k]) for h in history if k in h and np.isfinite(h[k])]
         if not pts: continue
         s, v = map(np.asarray, zip(*pts)); w = max(1, len(v) // 20)
         ax.plot(s, v, alpha=0.3, lw=0.8); ax.plot(s[w - 1:], np.convolve(v, np.ones(w) / w, 'valid'), lw=1.5)
         if (v > 0).all(): ax.set_yscale('log')
-        ax.set_title(k, fontsize=9); ax.set_xlabel('iteration')
+        ax.set_title(titles[i] if titles else k, fontsize=9); ax.set_xlabel('iteration')
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
@@ -335,9 +376,35 @@ def check_demo_teacher(net: nn.Module, # loaded teacher
     if L > len(TOY_CLASSES): raise UserError(f'{source}: the teacher has {L} classes; the toy data has {len(TOY_CLASSES)}')
     return net
 
+def _methods(method: str) -> list[str]:
+    "The methods a `--method` value runs: one, or every available one for 'all'."
+    if method == 'all': return available_methods()
+    get_demo_method(method); return [method]
+
+def _train_all(methods: list[str], net: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, say) -> dict:
+    "Train each method from a fresh copy of the teacher under the same settings; {method: DemoStudent}."
+    import copy
+    out = {}
+    for name in methods:
+        m = get_demo_method(name)
+        say(f'distilling with {m.description}: {s.iters} iterations, batch {s.batch}, device {info.device}, {info.world_size} process(es)')
+        out[name] = m.train(copy.deepcopy(net).requires_grad_(False), s, info, outdir, say)
+    return out
+
+def _loss_panels(students: dict) -> tuple[list[dict], list[str], list[str]]:
+    "One loss panel per method (its first loss key) when several methods ran; all of a single method's keys otherwise."
+    if len(students) == 1:
+        (name, st), = students.items(); return st.history, st.loss_keys, st.loss_keys
+    hist, keys, titles = [], [], []
+    for name, st in students.items():
+        k = next((k for k in st.loss_keys if any(k in h for h in st.history)), None)
+        if k is None: continue
+        hist += [{'step': h['step'], f'{name}:{k}': h[k]} for h in st.history if k in h]; keys.append(f'{name}:{k}'); titles.append(f'{name}: {k}')
+    return hist, keys, titles
+
 def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
-                     method: str = 'dmd2', # distillation method (`available_methods()`)
-                     iters: int = 400, # distillation iterations
+                     method: str = 'dmd2', # distillation method (`available_methods()`), or 'all' for the leaderboard
+                     iters: int = 400, # distillation iterations (each method)
                      batch: int = 64, # global training batch
                      lr: float | None = None, # generator learning rate (None: the method's default)
                      n_eval: int = 512, # images per model for the metrics
@@ -348,9 +415,9 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
                      progress: bool = True, # tqdm progress bars
                      threads: int = 0, # CPU threads for torch (0: torch's default)
                      log=print) -> dict | None: # printer (rank 0)
-    "Distil a teacher to a one-step generator and compare them (the function behind `distill_demo`); None on ranks > 0."
+    "Distil a teacher with one method (or all of them) and compare teacher and students (the function behind `distill_demo`); None on ranks > 0."
     from tqdm.auto import tqdm
-    get_demo_method(method)  # fail fast on bad flags, before loading or training anything
+    methods = _methods(method)  # fail fast on bad flags, before loading or training anything
     check_positive('--iters', iters); check_positive('--batch', batch); check_positive('--eval_batch', eval_batch)
     check_positive('--threads', threads, allow_zero=True)
     if lr is not None: check_positive('--lr', lr)
@@ -369,13 +436,9 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     check_demo_teacher(net, str(teacher or demo_teacher_path()))
     tmeta = getattr(net, 'distill_meta', {}) or {}
     say(f'teacher: {teacher or demo_teacher_path()} ({sum(p.numel() for p in net.parameters()):,} parameters, {C}x{R}x{R}, {L} classes)')
-    # --- distil (all ranks) ---
-    m = get_demo_method(method)
-    say(f'distilling with {m.description}: {iters} iterations, batch {batch}, device {info.device}, {info.world_size} process(es)')
-    import copy
-    student = m.train(copy.deepcopy(net).requires_grad_(False), s, info, outdir, say)
+    students = _train_all(methods, net, s, info, outdir, say)  # all ranks
     if not info.is_main: return None
-    # --- evaluate (main process) ---
+    # --- evaluate (main process): the same latents, labels and reference for every model ---
     ext = RandomConvFeatures(C).to(info.device)
     toy_cls = L if L else 4
     ref = toy_images(n_eval, R, toy_cls, seed=1); floor = toy_images(n_eval, R, toy_cls, seed=2)
@@ -384,33 +447,39 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     net = net.eval()
     t_train = (tmeta.get('demo_teacher') or {}).get('train_seconds')
     t_train = f'{t_train:.0f} (offline)' if isinstance(t_train, (int, float)) else None
-    models = {'teacher, Heun 18 steps': (35, lambda z, y: edm_sampler(net, z, y, num_steps=18), t_train),
-              'untrained student (teacher copy)': (1, lambda z, y: one_step_sample(net, z, y, sigma=80.), 0.)}
-    for k, (nfe, fn) in student.samplers.items(): models[k] = (nfe, fn, student.train_seconds)
+    models = {'teacher, Heun 18 steps': (35, lambda z, y: edm_sampler(net, z, y, num_steps=18), t_train, None),
+              'teacher, Euler 4 steps': (4, lambda z, y: edm_sampler(net, z, y, num_steps=4, solver='euler'), t_train, None),
+              'untrained student (teacher copy)': (1, lambda z, y: one_step_sample(net, z, y, sigma=80.), 0., 0)}
+    for st in students.values():
+        for k, (nfe, fn) in st.samplers.items(): models[k] = (nfe, fn, st.train_seconds, iters * batch)
     tm = ToyMetric(n_eval, toy_cls, ref_seed=1) if (C, R) == (3, 16) else None  # the toy classifier sees 16x16 RGB
-    toy = lambda x, labels: {} if tm is None else {k: v for k, v in tm(x, labels).items() if k in ('fd_toy', 'accuracy', 'provenance')}
-    tf = lambda d: dict(fd_toy=d.get('fd_toy'), acc=d.get('accuracy'))
+    toy = lambda x, labels: {} if tm is None else tm(x, labels)
+    tf = lambda d: dict(fd_toy=d.get('fd_toy'), acc=d.get('accuracy'), precision=d.get('precision'), recall=d.get('recall'))
     floor_toy = toy(floor, torch.arange(n_eval) % toy_cls)
     rows, imgs = [dict(model='data (held-out toy images, noise floor)', nfe=None, **tf(floor_toy), fd_rc=fd_random_conv(floor, ref_stats, ext),
-                       sw=pixel_sw(floor, ref), sample_seconds=None, train_seconds=None)], {'data': floor}
-    for name, (nfe, fn, tsec) in tqdm(models.items(), desc='evaluating', disable=not progress, leave=False):
+                       sw=pixel_sw(floor, ref), sample_seconds=None, train_seconds=None, train_images=None)], {'data': floor}
+    for name, (nfe, fn, tsec, timg) in tqdm(models.items(), desc='evaluating', disable=not progress, leave=False):
         x, secs = sample_all(fn, z, y, eval_batch)
         imgs[name] = x
         rows.append(dict(model=name, nfe=nfe, **tf(toy(x, None if y is None else y.cpu())), fd_rc=fd_random_conv(x, ref_stats, ext),
-                         sw=pixel_sw(x, ref), sample_seconds=secs, train_seconds=tsec))
+                         sw=pixel_sw(x, ref), sample_seconds=secs, train_seconds=tsec, train_images=timg))
     # --- outputs ---
     outdir.mkdir(parents=True, exist_ok=True)
-    save_sample_grid({('teacher (35 NFE)' if k.startswith('teacher') else 'untrained (1 NFE)' if k.startswith('untrained') else
-                       'data' if k == 'data' else f'{k} ({models[k][0]} NFE)'): v for k, v in imgs.items()},
+    save_sample_grid({('data' if k == 'data' else f'{k} ({models[k][0]} NFE)'): v for k, v in imgs.items()},
                      outdir / 'samples.png', _class_order(n_eval, L))
-    save_loss_curves(student.history, student.loss_keys, outdir / 'losses.png', f'{method}: loss terms per iteration')
-    if student.network is not None:
-        save_network(student.network, outdir / f'student_{method}.safetensors',
-                     meta={**student.meta, 'provenance': {'teacher': str(teacher or demo_teacher_path()),
-                                                          'teacher_config_hash': tmeta.get('config_hash'), 'demo': asdict(s)}})
-    untrained, best = rows[2], min(rows[3:], key=lambda r: r['fd_rc'])
-    res = dict(settings=asdict(s), rows=rows, total_seconds=time.time() - t_start, world_size=info.world_size,
-               beats_untrained=bool(all(r['fd_rc'] < untrained['fd_rc'] and r['sw'] < untrained['sw'] for r in rows[3:])),
+    hist, keys, titles = _loss_panels(students)
+    save_loss_curves(hist, keys, outdir / 'losses.png', f'{method}: loss terms per iteration', titles)
+    for name, st in students.items():
+        if st.network is not None:
+            save_network(st.network, outdir / f'student_{name}.safetensors',
+                         meta={**st.meta, 'provenance': {'teacher': str(teacher or demo_teacher_path()),
+                                                         'teacher_config_hash': tmeta.get('config_hash'), 'demo': asdict(s)}})
+    n_base = 4  # data, teacher 35 NFE, teacher 4 NFE, untrained
+    untrained, key = rows[3], ('fd_toy' if rows[3].get('fd_toy') is not None else 'fd_rc')
+    best = min(rows[n_base:], key=lambda r: r[key])
+    res = dict(settings=asdict(s), methods=methods, rows=rows, total_seconds=time.time() - t_start, world_size=info.world_size,
+               budget={'iterations': iters, 'global_batch': batch, 'images': iters * batch},
+               beats_untrained=bool(all(r['fd_rc'] < untrained['fd_rc'] and r['sw'] < untrained['sw'] for r in rows[n_base:])),
                toy_metric=floor_toy.get('provenance'), torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     table = results_table(rows, n_eval)
     with atomic_write(outdir / 'results.json', 'w') as f: json.dump(to_jsonable(res), f, indent=1)
@@ -419,14 +488,14 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     say((f"{best['model']}: FD-toy {untrained['fd_toy']:.2f} -> {best['fd_toy']:.2f}, " if best.get('fd_toy') is not None else f"{best['model']}: ")
         + f"FD-rc {untrained['fd_rc']:.3f} -> {best['fd_rc']:.3f} (untrained -> distilled), "
         f"{35 / best['nfe']:.0f}x fewer network evaluations than the teacher. Total {res['total_seconds']:.0f} s.")
-    say(f'wrote {outdir}/samples.png, losses.png, results.json, results.md' + (f', student_{method}.safetensors' if student.network is not None else ''))
+    say(f'wrote {outdir}/samples.png, losses.png, results.json, results.md' + ''.join(f', student_{n}.safetensors' for n, st in students.items() if st.network is not None))
     return res
 
 # %% ../nbs/91_demo.ipynb #52cd7db2
 @cli
 def distill_demo(
     outdir: str = 'distill_demo_out', # Output folder (samples.png, losses.png, results.json/.md, the student)
-    method: str = 'dmd2', # Distillation method: dmd2 (one step), dmd (DMD v1, one step, teacher pairs), cd (1, 2, 4 steps) or gdd (GDD-I, one step, real toy images)
+    method: str = 'dmd2', # Method: dmd2, dmd (v1, teacher pairs), cd (1/2/4 steps), gdd (GDD-I), scm (sCD, 1/2 steps), meanflow (1/2 steps), or all (the leaderboard)
     iters: int = 400, # Distillation iterations
     batch: int = 64, # Global training batch (split across torchrun processes)
     lr: float = None, # Generator learning rate [default: the method's demo setting; DMD2: 5e-4, critic 4x]

@@ -4,32 +4,35 @@
 
 # %% ../nbs/42_lcm.ipynb #c8254f13
 from __future__ import annotations
-import contextlib, json, pickle, zipfile
-from dataclasses import dataclass, asdict
+import contextlib, functools, json, pickle, zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 import numpy as np
 import torch
 from torch import nn
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import save_file
-from .core import atomic_path, seed_everything, to_jsonable, StackedRandomGenerator
+from .core import atomic_path, to_jsonable, StackedRandomGenerator
 from .schedules import karras_sigmas
 from .samplers import consistency_sampler, edm_sampler
 from .checkpoints import load_network, save_network
-from .learner import (Learner, TrainStep, ResumableLoader, Callback, make_optimizer, init_distributed, list_checkpoints,
-                                write_guard)
-from .callbacks import EMA, Checkpointer, MetricsLogger
+from .learner import Learner, TrainStep, make_optimizer
 from .microdit import (LatentEDMPrecond, LatentConsistencyPrecond, microdit_kwargs, latent_teacher,
                                  latent_student_from_teacher)
-from .cd import teacher_ode_step, cd_distance, check_choice, check_count, check_rate
-from .core import cli, UserError, check_positive, check_divisible, check_file
+from .cd import (teacher_ode_step, cd_distance, check_rate, ema_rates, consistency_callbacks, target_of, TargetNetwork,
+                           ConsistencyConfig, per_process_batch, old_amp)
+from .config import Alias, COMMON_ALIASES, config_cli
+from .run import run_training, run_loader, RunParts
+from .core import UserError, check_positive, check_file
 from .toydata import tiny_text_encoder, tiny_vae_decoder  # test stand-ins, moved to toydata; the old names stay importable
 
 # %% auto #0
-__all__ = ['LATENT_FORMAT', 'TEACHER_EXPECTED', 'LCM_OUTPUT', 'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser',
-           'LCMLoss', 'lcm_learner', 'lcm_sigmas', 'lcm_sample', 'teacher_sample', 'generate', 'sdxl_vae_decoder',
-           'openclip_text_encoder', 'save_lcm', 'load_lcm', 'LCMConfig', 'check_lcm_config', 'build_lcm_teacher',
-           'check_lcm_data', 'train_lcm', 'lcm_train']
+__all__ = ['LATENT_FORMAT', 'TEACHER_EXPECTED', 'DATA_EXPECTED', 'LCM_PRESETS', 'LCM_ALIASES', 'LCM_OUTPUT',
+           'write_latent_dataset', 'LatentTextDataset', 'GuidedDenoiser', 'LCMLoss', 'lcm_step', 'lcm_learner',
+           'lcm_sigmas', 'lcm_sample', 'teacher_sample', 'generate', 'sdxl_vae_decoder', 'openclip_text_encoder',
+           'save_lcm', 'load_lcm', 'LCMConfig', 'build_lcm_teacher', 'check_lcm_data', 'build_lcm', 'train_lcm',
+           'lcm_train']
 
 # %% ../nbs/42_lcm.ipynb #2f15fb83
 LATENT_FORMAT = 'distill_nb.latent_text'
@@ -164,6 +167,21 @@ class LCMLoss:
         return cd_distance(f_hi, f_lo, self.distance)
 
 # %% ../nbs/42_lcm.ipynb #74aece6f
+def lcm_step(student: nn.Module, # `LatentConsistencyPrecond` with guidance_embed
+             loss: LCMLoss, # the LCM loss (its `draw` makes a batch's random draws)
+             target=None, # the `TargetNetwork` callback (None: the stop-gradient student)
+             lr: float = 8e-5, # AdamW learning rate (reference 8e-5)
+             micro_batch: int | None = 16, # gradient-accumulation micro-batch per process (None: whole batch)
+             clip: float | None = 1.0, # gradient-norm clipping (reference 1.0)
+             betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> TrainStep: # AdamW settings (reference)
+    "The one `TrainStep` of LCM: the Learner accumulates the micro-batches' gradients (fp16 scaler and non-finite guard included)."
+    opt = make_optimizer(student.parameters(), lr, kind='adamw', betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    def lcm_loss(learn, b):  # called once per micro-batch `b` of `learn.batch`
+        if learn.micro.index == 0: learn.scratch['lcm/draws'] = loss.draw(learn.batch[0])  # the whole batch's draws, as without micro-batches
+        draws = [v[learn.micro.rows] for v in learn.scratch['lcm/draws']]
+        return loss(learn.models['student'], target_of(learn, target), b[0], b[1], draws)
+    return TrainStep('lcm', lcm_loss, opt, clip=clip, micro_batch=micro_batch or None)
+
 def lcm_learner(student: nn.Module, # `LatentConsistencyPrecond` with guidance_embed
                 teacher: nn.Module, # `LatentEDMPrecond`
                 loader, # batches (latents, caption embeddings)
@@ -171,24 +189,17 @@ def lcm_learner(student: nn.Module, # `LatentConsistencyPrecond` with guidance_e
                 lr: float = 8e-5, # AdamW learning rate (reference 8e-5)
                 micro_batch: int | None = 16, # gradient-accumulation micro-batch (None: whole batch)
                 target_ema: float = 0.99, # μ of the target network (reference ema_decay 0.99)
-                ema: float | None = None, # extra evaluation EMA (None: save the student, as the reference)
+                ema: float | None = None, # per-step decay of an evaluation EMA (None: save the student, as the reference)
                 clip: float | None = 1.0, # gradient-norm clipping (reference 1.0)
                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, # AdamW settings (reference)
                 cbs: list | None = None, **learner_kwargs) -> Learner:
-    "A Learner for latent consistency distillation with gradient accumulation and an EMA target (Luo et al. 2023)."
-    if not 0 <= target_ema < 1: raise UserError(f'--target_ema: expected 0 <= μ < 1, got {target_ema}')
-    opt = make_optimizer(student.parameters(), lr, kind='adamw', betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    rates = sorted({r for r in ([target_ema] if target_ema > 0 else []) + ([ema] if ema else [])})
-    ema_cb = EMA('student', decay=rates) if rates else None
-    def target(learn): return ema_cb.module(f'{target_ema:g}') if target_ema > 0 else learn.unwrapped('student')
-    def lcm_step(learn, b):  # called once per micro-batch `b` of `learn.batch` (the Learner accumulates the gradients)
-        if learn.micro.index == 0: learn.scratch['lcm/draws'] = loss.draw(learn.batch[0])  # the whole batch's draws, as without micro-batches
-        draws = [v[learn.micro.rows] for v in learn.scratch['lcm/draws']]
-        return loss(learn.models['student'], target(learn), b[0], b[1], draws)
-    step = TrainStep('lcm', lcm_step, opt, clip=clip, micro_batch=micro_batch or None)
+    "A bare Learner for LCM on in-memory modules and data (notebooks, benchmarks); runs go through `train_lcm`."
+    check_rate('--target_ema', target_ema)
+    target, ev = consistency_callbacks(target_ema, ema_rates(ema or 0, '--ema'))
+    step = lcm_step(student, loss, target, lr, micro_batch, clip, betas, eps, weight_decay)
     learn = Learner({'student': student, 'teacher': teacher}, [step], loader,
-                    cbs=([ema_cb] if ema_cb else []) + list(cbs or []), **learner_kwargs)
-    learn.ema_cb, learn.target_ema, learn.eval_ema = ema_cb, target_ema, ema
+                    cbs=[c for c in (ev, target) if c] + list(cbs or []), **learner_kwargs)
+    learn.ema, learn.target = ev, target
     return learn
 
 # %% ../nbs/42_lcm.ipynb #9ce90a5f
@@ -289,58 +300,81 @@ def load_lcm(path, device='cpu'):
     return net
 
 # %% ../nbs/42_lcm.ipynb #1dffb34f
-@dataclass
-class LCMConfig:
-    "Settings of an LCM run (defaults: the reference `res_512_finetune_lcm.yaml`)."
-    teacher_ckpt: str = None; dit_arch: str = 'MicroDiT_XL_2'; latent_res: int = 64; pos_interp_scale: float = 2.0
-    data: str = None; output_path: str = 'lcm_run'
-    lr: float = 8e-5; batch_size: int = 256; micro_batch: int = 16; train_iters: int = 2000
-    num_scales: int = 40; skip: int = 1; w_min: float = 1.0; w_max: float = 10.0; solver: str = 'heun'; loss: str = 'l2'
-    target_ema: float = 0.99; ema: float | None = None; clip: float | None = 1.0; weight_decay: float = 0.0
-    sigma_data: float = 0.9; sigma_min: float = 0.002; sigma_max: float = 80.
-    sample_steps: int = 4; guidance_scale: float = 7.0
-    ckpt_every: int = 500; max_keep: int | None = 1; log_every: int = 10
-    wandb_project: str | None = None; wandb_name: str | None = None
-    resume: bool = False; overwrite: bool = False; device: str | None = None; seed: int = 18; amp: str | None = 'auto'
-    compile: bool = False
-
 TEACHER_EXPECTED = 'a MicroDiT checkpoint (.pt state dict) or a distill_nb LatentEDMPrecond .safetensors'
+DATA_EXPECTED = 'a distill_nb.latent_text .safetensors or .npz file'
 
-def check_lcm_config(cfg: LCMConfig, world_size: int = 1) -> LCMConfig:
-    "Flag checks of an LCM run, named as on the command line: a `UserError` before anything is loaded or written."
-    if not cfg.teacher_ckpt: raise UserError(f'--teacher_ckpt is required: {TEACHER_EXPECTED}')
-    if not cfg.data: raise UserError('--data is required: a distill_nb.latent_text .safetensors/.npz of latents and caption embeddings')
-    for f in ('batch_size', 'micro_batch', 'train_iters', 'sample_steps', 'ckpt_every', 'log_every', 'latent_res'):
-        check_count(f'--{f}', getattr(cfg, f))
-    if cfg.max_keep is not None: check_count('--max_keep', cfg.max_keep)
-    check_count('--num_scales', cfg.num_scales, 2)
-    if not isinstance(cfg.skip, int) or not 1 <= cfg.skip <= cfg.num_scales - 1:
-        raise UserError(f'--skip: expected 1 <= k <= num_scales - 1 = {cfg.num_scales - 1}, got {cfg.skip!r}')
-    for f in ('lr', 'pos_interp_scale', 'sigma_data', 'sigma_min', 'sigma_max', 'w_min', 'w_max', 'guidance_scale'):
-        check_positive(f'--{f}', getattr(cfg, f))
-    if cfg.w_min > cfg.w_max: raise UserError(f'--w_min {cfg.w_min} must not exceed --w_max {cfg.w_max} (the guidance range)')
-    if cfg.sigma_min >= cfg.sigma_max: raise UserError(f'--sigma_min {cfg.sigma_min} must be below --sigma_max {cfg.sigma_max}')
-    check_positive('--weight_decay', cfg.weight_decay, allow_zero=True)
-    if cfg.clip is not None: check_positive('--clip', cfg.clip)
-    check_rate('--target_ema', cfg.target_ema); check_rate('--ema', cfg.ema, optional=True)
-    check_choice('--loss', cfg.loss, ('l2', 'pseudo_huber')); check_choice('--solver', cfg.solver, ('heun', 'euler'))
-    check_choice('--amp', cfg.amp, ('auto', 'bf16', 'none', None))
-    check_divisible('--batch_size', cfg.batch_size, world_size, 'the number of processes')
-    if cfg.resume and cfg.overwrite: raise UserError('give either --resume (continue the run) or --overwrite (replace it), not both')
-    check_file(cfg.teacher_ckpt, '--teacher_ckpt', TEACHER_EXPECTED)
-    check_file(cfg.data, '--data', 'a distill_nb.latent_text .safetensors or .npz file')
-    return cfg
+@dataclass
+class LCMConfig(ConsistencyConfig):
+    "Settings of an LCM run (Luo et al. 2023); `--preset microdit-512` is the reference `res_512_finetune_lcm.yaml`."
+    teacher: str | None = None  # MicroDiT checkpoint (.pt state dict, loaded strictly) or a distill_nb LatentEDMPrecond .safetensors
+    data: str | None = None  # precomputed latents + caption embeddings (distill_nb.latent_text .safetensors/.npz)
+    dit_arch: str = 'MicroDiT_XL_2'  # MicroDiT configuration of a .pt teacher
+    latent_res: int = 64  # latent side of a .pt teacher (64 for 512 px)
+    pos_interp_scale: float = 2.0  # positional-embedding interpolation of a .pt teacher (2.0 at 512 px)
+    sigma_data: float = 0.9  # σ_d of a .pt teacher (MicroDiT: 0.9)
+    lr: float = 8e-5  # AdamW learning rate
+    micro_batch: int | None = 16  # gradient accumulation: micro-batches of this many samples per process (none: the whole batch)
+    target_ema: float = 0.99  # μ, EMA rate of the target network per update (0: the stop-gradient student)
+    ema_rate: str = '0'  # evaluation EMA decay(s) per update, comma-separated; the largest is published (0: none, the student is published)
+    clip: float | None = 1.0  # gradient-norm clipping
+    w_min: float = 1.0  # smallest guidance scale w (w = 1: no guidance)
+    w_max: float = 10.0  # largest guidance scale w
+    loss: Literal['l2', 'pseudo_huber'] = 'l2'  # distance d(f_θ, f_θ⁻)
+    sample_steps: int = 4  # default inference steps stored with the student
+    guidance_scale: float = 7.0  # default inference guidance stored with the student
+
+    def check(self, world_size: int = 1): # number of processes the batch is split over
+        "Every flag of an LCM run; a `UserError` names the first bad flag or file, before anything is loaded or written."
+        super().check(world_size)
+        if not self.teacher: raise UserError(f'--teacher is required (or --teacher_ckpt): {TEACHER_EXPECTED}')
+        if not self.data: raise UserError(f'--data is required: {DATA_EXPECTED} of latents and caption embeddings')
+        for f in ('latent_res', 'sample_steps', 'pos_interp_scale', 'sigma_data', 'w_min', 'w_max', 'guidance_scale'):
+            check_positive(f'--{f}', getattr(self, f))
+        if self.w_min > self.w_max: raise UserError(f'--w_min {self.w_min} must not exceed --w_max {self.w_max} (the guidance range)')
+        check_file(self.teacher, '--teacher', TEACHER_EXPECTED); check_file(self.data, '--data', DATA_EXPECTED)
+        return self
+
+LCM_PRESETS = {  # the reference config res_512_finetune_lcm.yaml (spec §1.9): 1 GPU, global batch 256 in micro-batches of 16
+    'microdit-512': dict(batch=256, micro_batch=16, lr=8e-5, steps=2000, num_scales=40, skip=1, w_min=1., w_max=10., target_ema=0.99,
+                         clip=1.0, weight_decay=0., ckpt_every=500, seed=18, dit_arch='MicroDiT_XL_2', latent_res=64,
+                         pos_interp_scale=2.0, sigma_data=0.9, precision='bf16', ema_rate='0'),
+}
+
+def _grad_accum(v, ws):
+    "diffusers' --gradient_accumulation_steps: 1 is the whole per-process batch; more would change the update's batch."
+    if v == 1: return None
+    raise UserError(f'--gradient_accumulation_steps {v}: an update here takes one --batch; diffusers\' update takes '
+                    f'train_batch_size x {v} x processes: give --batch (that global size) and --micro_batch (train_batch_size) instead')
+
+def _loss_type(v, ws): return {'huber': 'pseudo_huber'}.get(v, v)
+
+LCM_ALIASES = COMMON_ALIASES + (
+    Alias('teacher_ckpt', 'teacher', note='old lcm_train'), Alias('dit_ckpt_path', 'teacher', note='micro_diffusion config'),
+    Alias('batch_size', 'batch', note='global, the old lcm_train spelling'), Alias('train_iters', 'steps'), old_amp,
+    # diffusers' train_lcm_distill_*.py
+    Alias('train_batch_size', 'batch', per_process_batch('--train_batch_size'), int, 'per process, as diffusers'),
+    Alias('gradient_accumulation_steps', 'micro_batch', _grad_accum, int, 'diffusers; only 1 here: give --batch and --micro_batch'),
+    Alias('max_train_steps', 'steps'), Alias('learning_rate', 'lr'), Alias('adam_weight_decay', 'weight_decay'),
+    Alias('max_grad_norm', 'clip'), Alias('ema_decay', 'target_ema', note="diffusers' target network rate"),
+    Alias('checkpointing_steps', 'ckpt_every'), Alias('checkpoints_total_limit', 'max_keep'),
+    Alias('validation_steps', 'sample_every'), Alias('dataloader_num_workers', 'workers'),
+    Alias('num_ddim_timesteps', 'num_scales', note="diffusers' DDIM grid size; here Karras grid points"),
+    Alias('loss_type', 'loss', _loss_type, str, 'l2, or huber = pseudo_huber'),
+    Alias('mixed_precision', 'precision', lambda v, ws: {'no': 'fp32'}.get(v, v), str, 'no (= fp32), fp16 or bf16'),
+    Alias('resume_from_checkpoint', 'resume', lambda v, ws: 'auto' if v == 'latest' else v, str,
+          "latest: the newest checkpoint if any, else a fresh start (diffusers' meaning)"),
+    Alias('report_to', 'wandb', lambda v, ws: {'wandb': 'online', 'none': 'disabled'}.get(v, v), str, 'wandb (= online) or none'))
 
 def build_lcm_teacher(cfg: LCMConfig, caption_len: int = 77, caption_channels: int | None = None) -> LatentEDMPrecond:
     "The frozen EDM teacher of a run: a distill_nb LatentEDMPrecond file, or a MicroDiT state dict loaded strictly."
-    p = check_file(cfg.teacher_ckpt, '--teacher_ckpt', TEACHER_EXPECTED)
+    p = check_file(cfg.teacher, '--teacher', TEACHER_EXPECTED)
     if p.suffix == '.safetensors':
         try:
             with safe_open(str(p), 'pt') as f: is_net = (f.metadata() or {}).get('format') == 'distill_nb.network'
         except SafetensorError as e: raise UserError(f'{p}: unreadable safetensors file ({e}); expected {TEACHER_EXPECTED}') from e
         if is_net:
             t = load_network(p)
-            if not isinstance(t, LatentEDMPrecond): raise UserError(f'--teacher_ckpt {p}: expected a LatentEDMPrecond, got {type(t).__name__}')
+            if not isinstance(t, LatentEDMPrecond): raise UserError(f'--teacher {p}: expected a LatentEDMPrecond, got {type(t).__name__}')
             return t
     kw = microdit_kwargs(cfg.dit_arch, input_size=cfg.latent_res, pos_interp_scale=cfg.pos_interp_scale,
                          **({'caption_channels': caption_channels} if caption_channels else {}))
@@ -356,77 +390,33 @@ def check_lcm_data(ds: LatentTextDataset, teacher, data: str, teacher_path: str)
         raise UserError(f'--data {data}: caption embeddings have {ds.caption_channels} channels, but the teacher {teacher_path} '
                         f'expects {teacher.caption_channels}')
 
-class _WandbCB(Callback):
-    order = 61
-    def __init__(self, run): self.run = run
-    def after_step(self, learn): self.run.log({k: float(v) for k, v in learn.logs.items()}, step=learn.step)
-
 LCM_OUTPUT = 'lcm_student.safetensors'
 
-def train_lcm(cfg: LCMConfig, log_fn=print) -> Learner:
-    "Run latent consistency distillation from a config (the plain, tested function behind `lcm_train`)."
-    check_lcm_config(cfg)
-    info = init_distributed(cfg.device)
-    check_divisible('--batch_size', cfg.batch_size, info.world_size, 'the number of processes')  # the batch is global
-    seed_everything(cfg.seed + info.rank)
+def build_lcm(cfg: LCMConfig, info) -> RunParts: # the run's config and process (`DistInfo`)
+    "The networks, step, data and outputs of an LCM run (Luo et al. 2023) on precomputed latents."
     ds = LatentTextDataset(cfg.data)
     teacher = build_lcm_teacher(cfg, ds.caption_len, ds.caption_channels).to(info.device)
-    check_lcm_data(ds, teacher, cfg.data, cfg.teacher_ckpt)
+    check_lcm_data(ds, teacher, cfg.data, cfg.teacher)
     student = latent_student_from_teacher(teacher, cfg.sigma_min)
-    lossfn = LCMLoss(teacher, cfg.num_scales, cfg.skip, cfg.w_min, cfg.w_max, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max)
-    run_dir = Path(cfg.output_path)
-    cbs = [Checkpointer(every=cfg.ckpt_every, max_keep=cfg.max_keep), MetricsLogger(every=cfg.log_every)]
-    run = None
-    if cfg.wandb_project and info.is_main:
-        import wandb
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name, config=to_jsonable(asdict(cfg))); cbs.append(_WandbCB(run))
-    learn = lcm_learner(student, teacher, ResumableLoader(ds, cfg.batch_size // info.world_size, seed=cfg.seed), lossfn, cfg.lr,
-                        cfg.micro_batch, cfg.target_ema, cfg.ema, cfg.clip, weight_decay=cfg.weight_decay, cbs=cbs,
-                        device=info.device, amp=cfg.amp if cfg.amp in ('auto', 'bf16') else None, compile=cfg.compile,
-                        run_dir=run_dir, config=asdict(cfg), overwrite=cfg.overwrite, outputs=[LCM_OUTPUT])
-    if cfg.resume and list_checkpoints(run_dir / 'checkpoints'): log_fn(f'resuming from {list_checkpoints(run_dir / "checkpoints")[-1]}')
-    learn.fit(cfg.train_iters, resume='auto' if cfg.resume else None)
-    if info.is_main:
-        net = learn.ema_cb.module(f'{cfg.ema:g}') if cfg.ema else learn.unwrapped('student')
-        with write_guard(run_dir / LCM_OUTPUT, 'the LCM student', run_dir / 'checkpoints'):
-            out = save_lcm(net, run_dir / LCM_OUTPUT, cfg.sample_steps, cfg.guidance_scale, (cfg.w_min, cfg.w_max), asdict(cfg))
-        log_fn(f'LCM student written to {out}')
-    if run is not None: run.finish()
+    loss = LCMLoss(teacher, cfg.num_scales, cfg.skip, cfg.w_min, cfg.w_max, cfg.solver, cfg.loss, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+    target, ev = consistency_callbacks(cfg.target_ema, cfg.eval_rates())
+    sampler = {'kind': 'lcm', 'num_steps': int(cfg.sample_steps), 'guidance_scale': float(cfg.guidance_scale),
+               'guidance_range': [float(cfg.w_min), float(cfg.w_max)]}
+    return RunParts(models={'student': student, 'teacher': teacher}, data=run_loader(cfg, info, ds),
+                    steps=[lcm_step(student, loss, target, cfg.lr, cfg.micro_batch, cfg.clip, weight_decay=cfg.weight_decay)],
+                    final={LCM_OUTPUT: ('student', sampler)}, ema='student', callbacks=[c for c in (ev, target) if c],
+                    record={'latent_shape': list(ds.latent_shape), 'caption_shape': [ds.caption_len, ds.caption_channels]})
+
+def train_lcm(cfg: LCMConfig, # a config (checked by `run_training`)
+              cbs=(), # extra callbacks
+              log=print) -> Learner: # where one-line notices go
+    "Latent consistency distillation from a config: the plain function behind `lcm_train` (notebooks, tests)."
+    learn = run_training(cfg, build_lcm, cbs, log)
+    learn.target = next((c for c in learn.cbs if isinstance(c, TargetNetwork)), None)
+    if learn.is_main: log(f'LCM student written to {Path(cfg.run_dir) / LCM_OUTPUT}')
     return learn
 
-@cli
-def lcm_train(teacher_ckpt: str = None, # MicroDiT checkpoint (.pt state dict or .safetensors), or a distill_nb LatentEDMPrecond
-              data: str = None, # precomputed latents + caption embeddings (distill_nb.latent_text .safetensors/.npz)
-              output_path: str = 'lcm_run', # run folder (checkpoints, logs, lcm_student.safetensors)
-              dit_arch: str = 'MicroDiT_XL_2', # MicroDiT configuration name
-              latent_res: int = 64, # latent side (64 for 512 px)
-              pos_interp_scale: float = 2.0, # positional-embedding interpolation (2.0 at 512 px)
-              lr: float = 8e-5, # AdamW learning rate
-              batch_size: int = 256, # global batch size
-              micro_batch: int = 16, # gradient-accumulation micro-batch per process
-              train_iters: int = 2000, # optimizer steps
-              num_scales: int = 40, # N Karras grid points
-              skip: int = 1, # k grid steps between the pair
-              w_min: float = 1.0, # smallest guidance scale
-              w_max: float = 10.0, # largest guidance scale
-              loss: str = 'l2', # l2 | pseudo_huber
-              target_ema: float = 0.99, # μ of the target network
-              ema: float = 0., # evaluation EMA rate (0: save the student)
-              clip: float = 1.0, # gradient-norm clipping
-              sample_steps: int = 4, # default inference steps stored with the student
-              guidance_scale: float = 7.0, # default inference guidance stored with the student
-              ckpt_every: int = 500, # steps between checkpoints
-              wandb_project: str = None, # log to this W&B project
-              resume: bool = False, # resume from the newest checkpoint in output_path
-              overwrite: bool = False, # replace a previous run in output_path (its checkpoints, metrics, LCM student)
-              device: str = None, # cpu | cuda (default: CUDA if available)
-              seed: int = 18, # random seed
-              amp: str = 'auto', # auto (bf16 on CUDA) | bf16 | none
-              compile: bool = False): # torch.compile the student
+@config_cli(LCMConfig, aliases=LCM_ALIASES, presets=LCM_PRESETS)
+def lcm_train(cfg: LCMConfig):
     "Latent consistency distillation of MicroDiT with a guidance-conditioned student (Luo et al. 2023)."
-    train_lcm(LCMConfig(teacher_ckpt=teacher_ckpt, data=data, output_path=output_path, dit_arch=dit_arch, latent_res=latent_res,
-                        pos_interp_scale=pos_interp_scale, lr=lr, batch_size=batch_size, micro_batch=micro_batch, train_iters=train_iters,
-                        num_scales=num_scales, skip=skip, w_min=w_min, w_max=w_max, loss=loss, target_ema=target_ema, ema=ema or None,
-                        clip=clip, sample_steps=sample_steps, guidance_scale=guidance_scale, ckpt_every=ckpt_every,
-                        wandb_project=wandb_project, resume=resume, overwrite=overwrite, device=device, seed=seed, amp=amp,
-                        compile=compile))
+    train_lcm(cfg)
