@@ -324,14 +324,13 @@ class LCMConfig(ConsistencyConfig):
     guidance_scale: float = 7.0  # default inference guidance stored with the student
 
     def check(self, world_size: int = 1): # number of processes the batch is split over
-        "Every flag of an LCM run; a `UserError` names the first bad flag or file, before anything is loaded or written."
+        "Every flag of an LCM run; a `UserError` names the first bad flag (the files are checked when the run builds, before anything is written)."
         super().check(world_size)
         if not self.teacher: raise UserError(f'--teacher is required (or --teacher_ckpt): {TEACHER_EXPECTED}')
         if not self.data: raise UserError(f'--data is required: {DATA_EXPECTED} of latents and caption embeddings')
         for f in ('latent_res', 'sample_steps', 'pos_interp_scale', 'sigma_data', 'w_min', 'w_max', 'guidance_scale'):
             check_positive(f'--{f}', getattr(self, f))
         if self.w_min > self.w_max: raise UserError(f'--w_min {self.w_min} must not exceed --w_max {self.w_max} (the guidance range)')
-        check_file(self.teacher, '--teacher', TEACHER_EXPECTED); check_file(self.data, '--data', DATA_EXPECTED)
         return self
 
 LCM_PRESETS = {  # the reference config res_512_finetune_lcm.yaml (spec §1.9): 1 GPU, global batch 256 in micro-batches of 16
