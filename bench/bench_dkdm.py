@@ -111,6 +111,7 @@ def main(argv=None):
     p.add_argument('--precisions', type=str, default=None, help='comma list of fp32,bf16,fp16 (default: all three on CUDA, fp32 on CPU, where fp16 kernels are very slow)')
     p.add_argument('--device', type=str, default=None)
     p.add_argument('--threads', type=int, default=None, help='CPU threads (default: 1 with --tiny, avoiding OpenMP spin-waits; else torch default)')
+    p.add_argument('--json', default=None, help='also write the rows here')
     args = p.parse_args(argv)
     device = get_device(args.device)
     args.batch_size = args.batch_size or (16 if args.tiny else 128)
@@ -132,6 +133,7 @@ def main(argv=None):
     for r in rows:
         if r['what'].startswith('student update'):
             print(f'teacher step / {r["what"]}: {t / r["ms"]:.2f}x')
+    if args.json: Path(args.json).write_text(json.dumps([{'mode': r['what'], 'img_s': r['img_s'], 'ms': r['ms'], 'peak_gib': r['mem']} for r in rows], indent=1))
     return rows
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_nb.core import get_device
 from distill_nb import networks as _networks  # registers SongUNet / DhariwalUNet
 from distill_nb.precond import EDMPrecond
@@ -42,22 +43,33 @@ def bench_train(cfg_net, args, fast: bool, device) -> dict:
     model = DMD2(teacher, gan_classifier=args.gan, cls_hidden_channels=args.cls_hidden, gen_cls_loss_weight=3e-3 if args.gan else 0.,
                  cls_loss_weight=1e-2, diffusion_gan=args.gan, diffusion_gan_max_timestep=1000 if args.gan else 0).to(device)
     if fast: model = model.to(memory_format=torch.channels_last)
-    cfg = DMD2Config(batch_size=args.batch_size, dfake_gen_update_ratio=args.ratio, warmup_step=0, device=str(device),
+    cfg = DMD2Config(batch=args.batch_size, dfake_gen_update_ratio=args.ratio, warmup_step=0, device=str(device),
                      generator_lr=2e-6, guidance_lr=2e-6, gan_classifier=args.gan)
     real = None
     if args.gan:  # constant real batch; the loader is not what we measure
         x = torch.rand(args.batch_size, 3, cfg_net['img_resolution'], cfg_net['img_resolution']) * 2 - 1
         real = [(x, torch.randint(cfg_net['label_dim'], (args.batch_size,)))] * 1
-    learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, cfg), real,
+    learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, cfg, args.batch_size), real,
                     cbs=[], device=device, amp='bf16' if fast else None, compile=fast and args.compile, batch_size=args.batch_size)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
-    learn.fit(args.warmup)
+    tw = time.perf_counter(); learn.fit(args.warmup)  # includes torch.compile's warm-up: reported apart
     if device.type == 'cuda': torch.cuda.synchronize(device)
+    warm_s = time.perf_counter() - tw
     t0 = time.perf_counter(); learn.fit(args.warmup + args.iters)
     if device.type == 'cuda': torch.cuda.synchronize(device)
     dt = time.perf_counter() - t0
     return {'mode': 'fast' if fast else 'fp32-eager', 'iters': args.iters, 'images_per_s': args.iters * args.batch_size / dt,
-            'sec_per_iter': dt / args.iters, 'peak_mem_gib': peak_mem(device), 'estimate': memory_estimate(model)}
+            'sec_per_iter': dt / args.iters, 'peak_mem_gib': peak_mem(device), 'estimate': memory_estimate(model), 'compile_warmup_s': warm_s,
+            'mfu': mfu(cfg_net, args, dt / args.iters, device)}
+
+
+def mfu(cfg_net, args, sec_per_iter: float, device) -> float | None:
+    "bf16 model FLOPs utilisation of one iteration (bench/mfu.py's count), None off CUDA or for an unknown GPU."
+    from bench_sampling import forward_flops, peak_tflops
+    from mfu import iteration_flops
+    pk = peak_tflops(device)
+    if pk is None: return None
+    return iteration_flops(forward_flops(cfg_net), args.batch_size, 'dmd2', args.ratio, args.gan) / sec_per_iter / (pk * 1e12)
 
 
 @torch.no_grad()
@@ -82,6 +94,9 @@ def bench_sampling(cfg_net, args, device) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--tiny', action='store_true', help='tiny SongUNet (CPU-friendly)')
+    p.add_argument('--net', default=None, choices=['cifar10', 'imagenet64'], help='teacher config: EDM CIFAR-10 DDPM++ (default) or ImageNet-64 ADM')
+    p.add_argument('--no_sampling', action='store_true', help='skip the one-step vs Heun sampling timing')
+    p.add_argument('--json', default=None, help='also write the rows here')
     p.add_argument('--config', type=str, default=None, help='JSON overrides of the EDMPrecond/SongUNet config')
     p.add_argument('--batch_size', type=int, default=None, help='per-iteration batch (default 64 CIFAR, 8 tiny)')
     p.add_argument('--iters', type=int, default=None, help='timed iterations (default 20, tiny 6)')
@@ -98,7 +113,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     device = get_device(args.device)
-    cfg_net = dict(TINY if args.tiny else DDPMPP_CIFAR, **(json.loads(args.config) if args.config else {}))
+    from bench_sampling import NETS
+    base = TINY if args.tiny else NETS['imagenet64'] if args.net == 'imagenet64' else DDPMPP_CIFAR
+    cfg_net = dict(base, **(json.loads(args.config) if args.config else {}))
     args.batch_size = args.batch_size or (8 if args.tiny else 64)
     args.iters = args.iters or (6 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 5)
@@ -113,8 +130,13 @@ def main(argv=None):
     if not args.no_fast: rows.append(bench_train(cfg_net, args, True, device))
     for r in rows:
         print(f"train {r['mode']:>10}: {r['images_per_s']:8.1f} images/s ({r['sec_per_iter']*1e3:.1f} ms/iter), peak memory {r['peak_mem_gib']:.2f} GiB")
-    s = bench_sampling(cfg_net, args, device)
-    print(f"sampling: one-step {s['one_step']:.1f} images/s, 35-NFE Heun {s['heun_35nfe']:.1f} images/s, speed-up {s['speedup']:.1f}x")
+    s = None
+    if not args.no_sampling:
+        s = bench_sampling(cfg_net, args, device)
+        print(f"sampling: one-step {s['one_step']:.1f} images/s, 35-NFE Heun {s['heun_35nfe']:.1f} images/s, speed-up {s['speedup']:.1f}x")
+    if len(rows) == 2: rows[1]['speedup'] = rows[1]['images_per_s'] / rows[0]['images_per_s']
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != 'estimate'} for r in rows] + ([{'mode': 'sampling', **s}] if s else []), indent=1))
     return rows, s
 
 

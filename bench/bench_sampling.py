@@ -82,10 +82,14 @@ def time_sampler(fn, n_images: int, reps: int, device) -> tuple[float, float]:
     return reps * n_images / (time.perf_counter() - t0), peak_mem_gib(device)
 
 
-def bench(cfg: dict, device, batch: int, heun_batch: int, reps: int, heun_reps: int, amp: str | None = None, steps: int = 18) -> dict:
+def bench(cfg: dict, device, batch: int, heun_batch: int, reps: int, heun_reps: int, amp: str | None = None, steps: int = 18,
+          cuda_graphs: bool = False) -> dict:
     "One-step vs Heun (2·steps−1 NFE) images/s for a random-weight EDMPrecond of config `cfg`."
     torch.manual_seed(0)
     net = EDMPrecond(**cfg).to(device).eval()
+    one_net, warm_s = net, 0.
+    if cuda_graphs:  # one-step sampling is launch-bound at small sizes: compile with CUDA graphs (warm-up timed separately)
+        one_net = torch.compile(net, mode='reduce-overhead' if device.type == 'cuda' else 'default')
     ac = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == 'bf16' else contextlib.nullcontext
     def inputs(b):
         z = torch.randn(b, cfg['img_channels'], cfg['img_resolution'], cfg['img_resolution'], device=device)
@@ -93,7 +97,12 @@ def bench(cfg: dict, device, batch: int, heun_batch: int, reps: int, heun_reps: 
         return z, y
     z1, y1 = inputs(batch); zh, yh = inputs(heun_batch)
     def one():
-        with ac(): return one_step_sample(net, z1, y1, sigma=80.)
+        with ac(): return one_step_sample(one_net, z1, y1, sigma=80.)
+    if cuda_graphs:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(3): one()  # compile + graph capture
+        sync(device); warm_s = time.perf_counter() - t0
     def heun():
         with ac(): return edm_sampler(net, zh, yh, num_steps=steps)
     one_ips, one_mem = time_sampler(one, batch, reps, device)
@@ -101,7 +110,8 @@ def bench(cfg: dict, device, batch: int, heun_batch: int, reps: int, heun_reps: 
     F = forward_flops(cfg)
     return {'gflop_per_forward': F / 1e9, 'one_step_tflops': one_ips * F / 1e12, 'heun_tflops': heun_ips * (2 * steps - 1) * F / 1e12, 'params_M': sum(p.numel() for p in net.parameters()) / 1e6, 'one_step_batch': batch, 'one_step_img_s': one_ips,
             'one_step_peak_gib': one_mem, 'heun_nfe': 2 * steps - 1, 'heun_batch': heun_batch, 'heun_img_s': heun_ips,
-            'heun_peak_gib': heun_mem, 'speedup': one_ips / heun_ips, 'amp': amp or 'fp32', 'device': str(device)}
+            'heun_peak_gib': heun_mem, 'speedup': one_ips / heun_ips, 'amp': amp or 'fp32', 'device': str(device),
+            'one_step_compiled': ('reduce-overhead' if device.type == 'cuda' else 'default') if cuda_graphs else None, 'compile_warmup_s': warm_s}
 
 
 def main(argv=None):
@@ -119,6 +129,7 @@ def main(argv=None):
     p.add_argument('--device', default=None, help='cpu | cuda (default: cuda if available; cpu with --tiny)')
     p.add_argument('--peak_tflops', type=float, default=None, help='bf16 peak of the GPU for MFU (default: known GPUs)')
     p.add_argument('--json', default=None, help='also write the result here')
+    p.add_argument('--cuda_graphs', action='store_true', help="one-step sampling through torch.compile(mode='reduce-overhead') (CUDA graphs)")
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     device = get_device(a.device or ('cpu' if a.tiny else None))
@@ -128,7 +139,7 @@ def main(argv=None):
     heun_batch = a.heun_batch or (32 if a.tiny else (1024 if device.type == 'cuda' else 64))
     reps, heun_reps = a.reps or (3 if a.tiny else 10), a.heun_reps or (1 if a.tiny else 2)
     r = dict(net=name, torch=torch.__version__, threads=torch.get_num_threads(),
-             **bench(cfg, device, batch, heun_batch, reps, heun_reps, a.amp, a.steps))
+             **bench(cfg, device, batch, heun_batch, reps, heun_reps, a.amp, a.steps, a.cuda_graphs))
     dev = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     print(f"{name} ({r['params_M']:.2f}M params) on {dev}, torch {r['torch']}, {r['amp']}, {r['threads']} threads")
     print(f"one-step  batch {batch:5d}: {r['one_step_img_s']:10.1f} images/s, peak {r['one_step_peak_gib']:.2f} GiB")

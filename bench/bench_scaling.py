@@ -50,8 +50,8 @@ def worker(a) -> None:
     else:
         from distill_nb.dmd2 import DMD2, DMD2Config, dmd2_steps
         model = DMD2(EDMPrecond(**cfg)).to(dev)
-        c = DMD2Config(batch_size=a.batch, dfake_gen_update_ratio=a.ratio, warmup_step=0, device=str(dev))
-        learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, c),
+        c = DMD2Config(batch=a.batch, dfake_gen_update_ratio=a.ratio, warmup_step=0, device=str(dev))
+        learn = Learner({'teacher': model.real, 'generator': model.generator, 'guidance': model.guidance}, dmd2_steps(model, c, a.batch),
                         None, [], device=dev, amp=None, batch_size=a.batch)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
     learn.fit(a.warmup); sync()
