@@ -138,7 +138,11 @@ def bottleneck_shape(net: nn.Module, device=None) -> tuple[int, int, int]:
     if f.ndim != 4: raise ValueError(f'{type(net).__name__}: return_bottleneck=True must give a [B, C, H, W] map, got {tuple(f.shape)}')
     return tuple(f.shape[1:])
 
-def _groups(c: int) -> int: return math.gcd(32, c)
+def _groups(c: int, min_per_group: int = 4) -> int:
+    "GroupNorm groups for `c` channels: 32 (the reference, 24 channels each at 768) or fewer so each group keeps >= 4 channels."
+    g = math.gcd(32, c)
+    while g > 1 and c // g < min_per_group: g //= 2
+    return g
 
 @register
 class ClassifierHead(nn.Module):

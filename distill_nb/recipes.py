@@ -13,10 +13,10 @@ from .core import cli
 from .config import config_parser, parse_config
 
 # %% auto #0
-__all__ = ['REQUIRED_FIELDS', 'recipe_dir', 'recipe_names', 'validate_recipe', 'load_recipe', 'recipe_hash', 'write_lock',
-           'trainer_function', 'trainer_parser', 'trainer_flags', 'recipe_config', 'first_cli', 'apply_overrides',
-           'trainer_argv', 'recipe_command', 'eval_commands', 'recipes_table', 'check_inputs', 'show_recipe',
-           'run_recipe', 'distill_recipe']
+__all__ = ['REQUIRED_FIELDS', 'TRAINER_SCRIPTS', 'recipe_dir', 'recipe_names', 'validate_recipe', 'load_recipe', 'recipe_hash',
+           'write_lock', 'trainer_function', 'trainer_parser', 'trainer_flags', 'recipe_config', 'first_cli',
+           'apply_overrides', 'trainer_argv', 'recipe_command', 'eval_commands', 'recipes_table', 'script_function',
+           'flags_markdown', 'check_inputs', 'show_recipe', 'run_recipe', 'distill_recipe']
 
 # %% ../nbs/92_recipes.ipynb #eca8e4a0
 REQUIRED_FIELDS = {
@@ -163,7 +163,9 @@ def trainer_argv(r: dict, # recipe (after overrides)
         elif isinstance(v, bool) and a.const is True: argv += [opt] if v else [opt, 'false']  # run-config booleans: bare flag for true
         elif v is not None: argv += [opt, v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else repr(v) if isinstance(v, float) else str(v)]
     try: trainer_parser(r).parse_args(argv)
-    except SystemExit: raise UserError(f"recipe {r['name']}: {r['trainer']['function']} rejects {shlex.join(argv)}") from None
+    except (SystemExit, UserError) as e:
+        why = f' ({e})' if isinstance(e, UserError) else ''
+        raise UserError(f"recipe {r['name']}: {r['trainer']['function']} rejects {shlex.join(argv)}{why}") from None
     return argv
 
 def recipe_command(r: dict, # recipe (after overrides)
@@ -201,6 +203,35 @@ def recipes_table(folder: str | Path | None = None) -> str: # recipe folder (def
                     f"| {r['sampling']['sampler'].split(',')[0]} ({r['sampling']['nfe']}) | {e['fid_paper']} | {e['fid_fastgen'] if e['fid_fastgen'] is not None else '-'} "
                     f"| `{recipe_hash(r)}` |")
     return '\n'.join(rows)
+
+# %% ../nbs/92_recipes.ipynb #693c6a6b
+TRAINER_SCRIPTS = ('edm_train', 'dmd2_train', 'dmd_train', 'cd_train', 'lcm_train', 'gdd_train', 'dkdm_train', 'dkdm_baseline',
+                   'sid_train', 'fdistill_train', 'scm_train', 'meanflow_train')
+
+def script_function(script: str): # a console script of this package
+    "The function behind console script `script` (from the installed entry points), or None."
+    from importlib.metadata import entry_points
+    ep = next((e for e in entry_points(group='console_scripts') if e.name == script and e.value.startswith('distill_nb.')), None)
+    if ep is None: return None
+    try: return ep.load()
+    except (ImportError, AttributeError): return None
+
+def flags_markdown(scripts=TRAINER_SCRIPTS) -> str:
+    "The README's flag tables: the flags every trainer shares, then each trainer's own flags, presets and accepted reference spellings."
+    from distill_nb.config import RunConfig, COMMON_ALIASES, flag_table
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    out = ['### Flags every trainer shares', '', 'One meaning each, in every trainer (`--batch` is the global batch: each of N processes takes batch/N).', '',
+           flag_table(RunConfig, COMMON_ALIASES), '', "### Each trainer's own flags", '',
+           '| command | method flags | presets | reference spellings accepted |', '|---|---|---|---|']
+    common = {a.name for a in COMMON_ALIASES}
+    for s in scripts:
+        f = script_function(s)
+        if f is None or not hasattr(f, 'config_class'): continue
+        own = ' '.join(f'`--{x.name}`' for x in dataclasses.fields(f.config_class) if x.name not in shared)
+        al = '; '.join(f'`--{a.name}` → ' + ', '.join(f'`--{t}`' for t in a.targets) + (f' ({a.note})' if a.note else '')
+                       for a in f.aliases if a.name not in common)
+        out.append(f"| `{s}` | {own or '-'} | {', '.join(f'`{p}`' for p in sorted(f.presets or {})) or '-'} | {al or '-'} |")
+    return '\n'.join(out)
 
 # %% ../nbs/92_recipes.ipynb #d4f3b7a5
 def _output_dir(r: dict) -> Path | None:

@@ -28,3 +28,8 @@ def test_main_command_entry_point_is_declared():
     main = _block((root/'README.md').read_text(), 'main-command')
     script = main.split('&&')[1].split()[0]
     assert re.search(rf'^\s*{script}=', (root/'settings.ini').read_text(), re.M), f'{script} not in console_scripts'
+
+def test_flag_tables_are_generated():
+    "The README's flag tables are exactly what the trainers' run configs say (regenerate with distill_nb.recipes.flags_markdown())."
+    from distill_nb.recipes import flags_markdown
+    assert flags_markdown() in (root/'README.md').read_text(), 'README flag tables are stale: paste flags_markdown() into nbs/index.ipynb (## Flags)'
