@@ -228,8 +228,10 @@ def test_lcm_config_checks(tmp_path, bad, flag):
 def test_lcm_config_files_and_world_size(tmp_path):
     from distill_nb.lcm import LCMConfig
     (tmp_path / 'empty.pt').write_bytes(b''); (tmp_path / 'd.npz').write_bytes(b'x')
-    with pytest.raises(UserError, match='empty file'): LCMConfig(teacher=str(tmp_path / 'empty.pt'), data=str(tmp_path / 'd.npz')).check()
-    with pytest.raises(UserError, match='no such file'): LCMConfig(teacher=str(tmp_path / 'd.npz'), data=str(tmp_path / 'none.npz')).check()
+    from distill_nb.lcm import train_lcm  # the files are checked when the run builds, before anything is written
+    with pytest.raises(UserError, match=r'd\.npz: unreadable latent dataset'):  # a damaged --data file, named
+        train_lcm(LCMConfig(teacher=str(tmp_path / 'empty.pt'), data=str(tmp_path / 'd.npz'), run_dir=str(tmp_path / 'r1'), device='cpu'))
+    assert not (tmp_path / 'r1').exists()
     with pytest.raises(UserError, match='--batch: 10 is not divisible by the number of processes'):
         LCMConfig(teacher=str(tmp_path / 'd.npz'), data=str(tmp_path / 'd.npz'), batch=10).check(world_size=4)
 
