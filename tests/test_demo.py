@@ -137,3 +137,19 @@ def test_demo_twice_into_the_same_outdir(tmp_path, method):
         warnings.simplefilter('ignore')  # 'cleared the previous run' notes
         for _ in range(2): res = run_distill_demo(tmp_path / 'out', **kw)
     assert res['settings']['method'] == method and (tmp_path / 'out' / 'results.json').is_file()
+
+
+def test_method_all_leaderboard(tmp_path):
+    "`--method all`: every available method from a fresh copy of the same teacher, one table, one student file each, one loss panel per method."
+    from distill_nb.demo import run_distill_demo, available_methods
+    res = run_distill_demo(tmp_path / 'all', 'all', iters=3, batch=16, n_eval=32, eval_batch=32, progress=False, log=lambda *a, **k: None)
+    methods = available_methods()
+    assert res['methods'] == methods and {'dmd2', 'dmd', 'cd', 'gdd', 'sid', 'scm', 'meanflow'} <= set(methods)
+    models = [r['model'] for r in res['rows']]
+    assert models[:4] == ['data (held-out toy images, noise floor)', 'teacher, Heun 18 steps', 'teacher, Euler 4 steps', 'untrained student (teacher copy)']
+    for label in ('DMD2 student', 'CD student, 4 steps', 'SiD student (EMA)', 'sCD student, 2 steps', 'MeanFlow student, 2 steps'): assert label in models, label
+    for r in res['rows'][4:]:
+        assert r['train_images'] == 3 * 16 and r['fd_toy'] is not None and 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1
+    assert res['budget'] == {'iterations': 3, 'global_batch': 16, 'images': 48}
+    for m in methods: assert (tmp_path / 'all' / f'student_{m}.safetensors').is_file(), m
+    assert (tmp_path / 'all' / 'losses.png').stat().st_size > 0 and 'precision' in (tmp_path / 'all' / 'results.md').read_text()
