@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastcore.script import Param, store_true
 from .core import UserError, check_positive, check_divisible, one_hot_labels
-from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable
+from .core import in_test, seed_everything, StackedRandomGenerator, atomic_write, atomic_path, to_jsonable, to_uint8
 from .toydata import ToyShapes, TOY_CLASSES
 from .toymetric import ToyMetric
 from .samplers import edm_sampler, one_step_sample, consistency_sampler
@@ -27,11 +27,12 @@ from .core import cli
 
 # %% auto #0
 __all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'SCM_DEMO', 'MEANFLOW_DEMO',
-           'SID_DEMO', 'RandomConvFeatures', 'random_conv_stats', 'fd_random_conv', 'pixel_sw', 'demo_latents',
-           'toy_images', 'sample_all', 'DemoSettings', 'DemoStudent', 'DemoMethod', 'register_demo_method',
-           'available_methods', 'get_demo_method', 'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs',
-           'train_dmd_demo', 'train_scm_demo', 'train_meanflow_demo', 'train_sid_demo', 'results_table',
-           'save_sample_grid', 'save_loss_curves', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
+           'SID_DEMO', 'GAN_DEMO', 'RandomConvFeatures', 'random_conv_stats', 'fd_random_conv', 'pixel_sw',
+           'demo_latents', 'toy_images', 'sample_all', 'DemoSettings', 'DemoStudent', 'DemoMethod',
+           'register_demo_method', 'available_methods', 'get_demo_method', 'train_dmd2_demo', 'train_cd_demo',
+           'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'train_scm_demo', 'train_meanflow_demo', 'train_sid_demo',
+           'toy_real_lmdb', 'train_dmd2gan_demo', 'train_fdistill_demo', 'results_table', 'save_sample_grid',
+           'save_loss_curves', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
 
 # %% ../nbs/91_demo.ipynb #728cbecc
 class RandomConvFeatures(nn.Module):
@@ -311,6 +312,47 @@ def train_sid_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: 
 
 register_demo_method(DemoMethod('sid', 'distill_nb.sid', train_sid_demo, 'SiD: score identity distillation, data-free, one step (Zhou et al. 2024)'))
 
+# %% ../nbs/91_demo.ipynb #4f5d3da2
+def toy_real_lmdb(path: Path, teacher: nn.Module, n: int = 4096, seed: int = 0) -> Path:
+    "The toy training images as a DMD2-layout LMDB (the real images a GAN head needs), replaced if it exists (the demo's own artefact)."
+    import shutil
+    from distill_nb.data.lmdb_dataset import write_lmdb
+    path = Path(path)
+    if path.exists(): shutil.rmtree(path)
+    ds = ToyShapes(n, teacher.img_resolution, max(int(teacher.label_dim or 0), 1), seed=seed, channels=teacher.img_channels)
+    write_lmdb(path, ((to_uint8(x).numpy(), int(y)) for x, y in (ds[i] for i in range(n))))
+    return path
+
+GAN_DEMO = dict(gan_classifier=True, cls_hidden_channels=64, diffusion_gan=True, diffusion_gan_max_timestep=1000, gen_cls_loss_weight=3e-3,
+                cls_loss_weight=1e-2)  # ImageNet-64 GAN weights of DMD2; a 64-channel head for the 2x2 bottleneck of the demo teacher
+
+def _gan_demo(name: str, cfg_cls, train_fn, extra: dict, teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print):
+    "DMD2 + GAN head or f-distill on the demo teacher, with the toy images as the discriminator's real data."
+    keys, run_dir = ['generator/dm', 'guidance/fake', 'guidance/cls'], outdir / f'{name}_run'
+    real = toy_real_lmdb(outdir / 'toy_real_lmdb', teacher) if info.is_main else outdir / 'toy_real_lmdb'
+    if info.world_size > 1: torch.distributed.barrier()
+    hp = {**DMD2_DEMO, **GAN_DEMO, **extra, **({'generator_lr': s.lr, 'guidance_lr': 4 * s.lr} if s.lr else {})}
+    cfg = cfg_cls(**_scratch_run(run_dir, s, info), real_image_path=str(real), **hp)
+    t0 = time.time(); learn = train_fn(cfg, _progress(s, info, keys), teacher, log_fn=log); secs = time.time() - t0  # the model is built from cfg (GAN head included)
+    model = learn.dmd2 if name == 'dmd2gan' else learn.fdistill
+    G, sig = model.generator, model.student_sigmas[0]
+    label = 'DMD2 + GAN head student' if name == 'dmd2gan' else f"f-distill ({cfg.f_div}) student"
+    return DemoStudent({label: (1, lambda z, y: one_step_sample(G, z, y, sigma=sig))}, _history(run_dir, keys, info), secs,
+                       G, {'sampler': model.sampler_meta, 'method': name}, keys)
+
+def train_dmd2gan_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
+    "DMD2 with its GAN head and diffusion GAN on the toy images (Yin et al. 2024), for the demo."
+    from distill_nb.dmd2 import DMD2Config, train_dmd2
+    return _gan_demo('dmd2gan', DMD2Config, train_dmd2, {}, teacher, s, info, outdir, log)
+
+def train_fdistill_demo(teacher: nn.Module, s: DemoSettings, info: DistInfo, outdir: Path, log=print) -> DemoStudent:
+    "f-distill (Jensen-Shannon) on the demo teacher: DMD2's gradient re-weighted by the discriminator's density ratio (Xu et al. 2025)."
+    from distill_nb.fdistill import FDistillConfig, train_fdistill
+    return _gan_demo('fdistill', FDistillConfig, train_fdistill, dict(f_div='js', gen_cls_loss_weight=1e-3, cls_loss_weight=1.), teacher, s, info, outdir, log)
+
+register_demo_method(DemoMethod('dmd2gan', 'distill_nb.dmd2', train_dmd2gan_demo, 'DMD2 + GAN head and diffusion GAN on real toy images, one step (Yin et al. 2024)'))
+register_demo_method(DemoMethod('fdistill', 'distill_nb.fdistill', train_fdistill_demo, 'f-distill (JS): DMD2 re-weighted by the density ratio, one step (Xu et al. 2025)'))
+
 # %% ../nbs/91_demo.ipynb #4da9a005
 NOT_DEMO_METHODS.update({
     'lcm': 'LCM distils a latent text-to-image DiT with classifier-free guidance (captions, a VAE); the demo teacher is a pixel-space '
@@ -495,7 +537,7 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
 @cli
 def distill_demo(
     outdir: str = 'distill_demo_out', # Output folder (samples.png, losses.png, results.json/.md, the student)
-    method: str = 'dmd2', # Method: dmd2, dmd (v1, teacher pairs), cd (1/2/4 steps), gdd (GDD-I), scm (sCD, 1/2 steps), meanflow (1/2 steps), or all (the leaderboard)
+    method: str = 'dmd2', # Method: dmd2, dmd2gan (+ GAN head), fdistill, dmd (v1), cd (1/2/4 steps), gdd (GDD-I), sid, scm (sCD), meanflow, or all (the leaderboard)
     iters: int = 400, # Distillation iterations
     batch: int = 64, # Global training batch (split across torchrun processes)
     lr: float = None, # Generator learning rate [default: the method's demo setting; DMD2: 5e-4, critic 4x]

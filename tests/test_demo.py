@@ -144,10 +144,10 @@ def test_method_all_leaderboard(tmp_path):
     from distill_nb.demo import run_distill_demo, available_methods
     res = run_distill_demo(tmp_path / 'all', 'all', iters=3, batch=16, n_eval=32, eval_batch=32, progress=False, log=lambda *a, **k: None)
     methods = available_methods()
-    assert res['methods'] == methods and {'dmd2', 'dmd', 'cd', 'gdd', 'sid', 'scm', 'meanflow'} <= set(methods)
+    assert res['methods'] == methods and {'dmd2', 'dmd2gan', 'fdistill', 'dmd', 'cd', 'gdd', 'sid', 'scm', 'meanflow'} <= set(methods)
     models = [r['model'] for r in res['rows']]
     assert models[:4] == ['data (held-out toy images, noise floor)', 'teacher, Heun 18 steps', 'teacher, Euler 4 steps', 'untrained student (teacher copy)']
-    for label in ('DMD2 student', 'CD student, 4 steps', 'SiD student (EMA)', 'sCD student, 2 steps', 'MeanFlow student, 2 steps'): assert label in models, label
+    for label in ('DMD2 student', 'DMD2 + GAN head student', 'f-distill (js) student', 'CD student, 4 steps', 'SiD student (EMA)', 'sCD student, 2 steps', 'MeanFlow student, 2 steps'): assert label in models, label
     for r in res['rows'][4:]:
         assert r['train_images'] == 3 * 16 and r['fd_toy'] is not None and 0 <= r['precision'] <= 1 and 0 <= r['recall'] <= 1
     assert res['budget'] == {'iterations': 3, 'global_batch': 16, 'images': 48}
