@@ -304,7 +304,7 @@ class ProjectedDiscriminator(nn.Module):
                 augment: bool = True, # apply DiffAugment (if enabled); R1 passes use False
                 heads: nn.Module | None = None) -> list[torch.Tensor]: # a (DDP-)wrapped `self.heads`
         "Logits `[B, M_b]` per backbone."
-        return (heads or self.heads)(self.features_of(x.float(), augment), c)
+        return (self.heads if heads is None else heads)(self.features_of(x.float(), augment), c)  # `is None`: a compiled module has no truth value
 
     @property
     def logits_per_backbone(self) -> list[int]:
