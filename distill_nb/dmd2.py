@@ -20,11 +20,10 @@ from .core import UserError, check_positive, check_range, check_file
 # %% auto #0
 __all__ = ['DATASETS', 'DMD2_PRESETS', 'DMD2_ALIASES', 'step_range', 'sample_grid_sigma', 'dm_grad', 'dm_loss',
            'LearnableGaussianDenoiser', 'ToyEDMDenoiser', 'bottleneck_shape', 'ClassifierHead', 'classifier_head_for',
-           'real_score', 'shared_step_index', 'backward_simulate', 'few_step_sample', 'disable_dropout', 'frozen',
-           'DMD2Guidance', 'DMD2', 'memory_estimate', 'format_memory_estimate', 'DMD2Config', 'save_image_grid',
-           'copy_checkpoint', 'dmd2_steps', 'DMD2Grid', 'CacheCopy', 'StartAt', 'check_real_data', 'make_dmd2',
-           'load_start_weights', 'dmd2_sample', 'build_dmd2', 'train_dmd2', 'dmd2_train', 'DMDGenerator',
-           'display_samples']
+           'real_score', 'shared_step_index', 'backward_simulate', 'disable_dropout', 'frozen', 'DMD2Guidance', 'DMD2',
+           'memory_estimate', 'format_memory_estimate', 'DMD2Config', 'save_image_grid', 'copy_checkpoint',
+           'dmd2_steps', 'DMD2Grid', 'CacheCopy', 'StartAt', 'check_real_data', 'make_dmd2', 'load_start_weights',
+           'dmd2_sample', 'build_dmd2', 'train_dmd2', 'dmd2_train', 'DMDGenerator', 'display_samples']
 
 # %% ../nbs/30_dmd2.ipynb #b0f60914
 def step_range(n: int, # grid size (`--num_train_timesteps`)
@@ -201,15 +200,9 @@ def backward_simulate(generator: nn.Module, # student denoiser G(x, σ, y)
             x = x0 + student_sigmas[i + 1] * noise_fn(x0)
     return x.detach(), torch.full((z.shape[0],), float(student_sigmas[k]), device=z.device)
 
-@torch.no_grad()
-def few_step_sample(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, student_sigmas: list[float],
-                    noise_fn=torch.randn_like) -> torch.Tensor:
-    "Sample a K-step DMD2 generator (denoise, re-noise to the next student σ; last step returns x̂)."
-    x = z * student_sigmas[0]
-    for i, s in enumerate(student_sigmas):
-        x0 = generator(x, torch.full((z.shape[0],), float(s), device=z.device), labels)
-        if i + 1 < len(student_sigmas): x = x0 + student_sigmas[i + 1] * noise_fn(x0)
-    return x0
+# K-step sampling (denoise, re-noise to the next student σ) is `samplers.few_step_sample`: one implementation for the
+# training grids, `DMDGenerator` and `distill_generate` (kind few_step), so a file gives the same images per seed everywhere.
+from .samplers import few_step_sample
 
 # %% ../nbs/30_dmd2.ipynb #6e3ef5fa
 def disable_dropout(m: nn.Module) -> nn.Module:
