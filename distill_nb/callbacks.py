@@ -17,8 +17,8 @@ from .learner import (Callback, Learner, list_checkpoints, save_module, load_mod
 
 # %% auto #0
 __all__ = ['ema_beta_halflife', 'ema_beta_warmup', 'EMA', 'ema_update', 'rotate_checkpoints', 'Checkpointer', 'Averager',
-           'MetricsLogger', 'read_metrics', 'plot_metrics', 'ProgressCB', 'image_grid', 'save_png', 'show_grid',
-           'SampleGrid', 'MetricCallback', 'WandbLogger']
+           'MetricsLogger', 'read_metrics', 'plot_metrics', 'ProgressCB', 'LossHistory', 'LinearWarmup', 'loss_windows',
+           'image_grid', 'save_png', 'show_grid', 'SampleGrid', 'MetricCallback', 'WandbLogger']
 
 # %% ../nbs/21_callbacks.ipynb #73d93f3b
 def ema_beta_halflife(delta_nimg: float, # training images consumed by this update
@@ -266,6 +266,28 @@ class ProgressCB(Callback):
         if learn.step % self.every == 0: bar.set_postfix({k: f'{v:.4g}' for k, v in self.avg.means().items()}, refresh=False)
     def cleanup_fit(self, learn):
         if self.bar is not None: self.bar.close(); self.bar = None
+
+# %% ../nbs/21_callbacks.ipynb #b97c8620
+class LossHistory(Callback):
+    "Record chosen entries of `learn.logs` after every iteration (in memory; metrics.jsonl without a run folder)."
+    order = 90
+    def __init__(self, keys: list[str]): self.keys, self.rows = list(keys), [] # the logged names to keep
+    def after_step(self, learn):
+        self.rows.append({'step': learn.step, **{k: float(learn.logs[k]) for k in self.keys if k in learn.logs}})
+
+class LinearWarmup(Callback):
+    "Ramp every optimizer's learning rate linearly from lr/n to lr over the first n iterations."
+    order = 0
+    def __init__(self, lr: float, n: int): self.lr, self.n = lr, max(int(n), 1) # target rate; warm-up iterations
+    def before_step(self, learn):
+        for st in learn.steps:
+            for g in st.opt.param_groups: g['lr'] = self.lr * min(1., (learn.step + 1) / self.n)
+
+def loss_windows(rows: list[dict], # `LossHistory.rows`
+                 key: str, w: int = 25) -> list[list]: # the entry; window length
+    "[[last step, mean]] of `key` over windows of w iterations (a small loss curve for a file header)."
+    v = [(r['step'], r[key]) for r in rows if key in r]
+    return [[v[min(i + w, len(v)) - 1][0], round(sum(x for _, x in v[i:i + w]) / len(v[i:i + w]), 5)] for i in range(0, len(v), w)]
 
 # %% ../nbs/21_callbacks.ipynb #1544f4fa
 def image_grid(x: torch.Tensor, # images [N, C, H, W] in [-1, 1]

@@ -26,13 +26,14 @@ from .demo_teacher import load_demo_teacher, demo_teacher_path, DEMO_TEACHER_REC
 from .core import cli
 
 # %% auto #0
-__all__ = ['DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'SCM_DEMO', 'MEANFLOW_DEMO',
-           'SID_DEMO', 'GAN_DEMO', 'RandomConvFeatures', 'random_conv_stats', 'fd_random_conv', 'pixel_sw',
-           'demo_latents', 'toy_images', 'sample_all', 'DemoSettings', 'DemoStudent', 'DemoMethod',
-           'register_demo_method', 'available_methods', 'get_demo_method', 'train_dmd2_demo', 'train_cd_demo',
-           'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'train_scm_demo', 'train_meanflow_demo', 'train_sid_demo',
-           'toy_real_lmdb', 'train_dmd2gan_demo', 'train_fdistill_demo', 'results_table', 'save_sample_grid',
-           'save_loss_curves', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
+__all__ = ['SAMPLER_EXTRA', 'DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD_DEMO', 'GDD_DEMO', 'DMD_DEMO', 'SCM_DEMO',
+           'MEANFLOW_DEMO', 'SID_DEMO', 'GAN_DEMO', 'RandomConvFeatures', 'random_conv_stats', 'fd_random_conv',
+           'pixel_sw', 'demo_latents', 'toy_images', 'sample_all', 'DemoSettings', 'DemoStudent', 'sampler_entry',
+           'lazy_train', 'DemoMethod', 'register_demo_method', 'available_methods', 'get_demo_method',
+           'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'train_scm_demo',
+           'train_meanflow_demo', 'train_sid_demo', 'toy_real_lmdb', 'train_dmd2gan_demo', 'train_fdistill_demo',
+           'results_table', 'save_sample_grid', 'save_loss_curves', 'save_method_pictures', 'notebook_pictures',
+           'check_demo_teacher', 'run_distill_demo', 'distill_demo']
 
 # %% ../nbs/91_demo.ipynb #728cbecc
 class RandomConvFeatures(nn.Module):
@@ -114,12 +115,28 @@ class DemoSettings:
 @dataclass
 class DemoStudent:
     "What a method's `train` returns."
-    samplers: dict # row label -> (network evaluations, fn(z, y) -> images in [-1, 1])
+    samplers: dict # row label -> (network evaluations, fn(z, y) -> images in [-1, 1][, extra]): see `sampler_entry`
     history: list # per-iteration dicts: 'step' and float loss terms
     train_seconds: float # wall-clock training time
     network: nn.Module | None = None # the student network to save
     meta: dict = field(default_factory=dict) # header entries of the saved student ({'sampler': ...})
     loss_keys: list = field(default_factory=list) # history keys plotted as loss curves
+
+SAMPLER_EXTRA = ('cond', 'labels', 'caption_acc', 'train_seconds', 'train_images')
+
+def sampler_entry(v: tuple) -> tuple[int, Callable, dict]:
+    "A `DemoStudent.samplers` value as (nfe, fn, extra); extra keys: `SAMPLER_EXTRA`."
+    if len(v) == 2: return (*v, {})
+    nfe, fn, extra = v
+    if bad := set(extra) - set(SAMPLER_EXTRA): raise ValueError(f'sampler extra keys {sorted(bad)}: expected some of {SAMPLER_EXTRA}')
+    return nfe, fn, extra
+
+def lazy_train(target: str) -> Callable:
+    "A method's train function given as 'module:function', imported when the method runs (so demo never imports it up front)."
+    def train(*args, **kwargs):
+        mod, fn = target.split(':')
+        return getattr(importlib.import_module(mod), fn)(*args, **kwargs)
+    return train
 
 @dataclass
 class DemoMethod:
@@ -354,23 +371,25 @@ register_demo_method(DemoMethod('dmd2gan', 'distill_nb.dmd2', train_dmd2gan_demo
 register_demo_method(DemoMethod('fdistill', 'distill_nb.fdistill', train_fdistill_demo, 'f-distill (JS): DMD2 re-weighted by the density ratio, one step (Xu et al. 2025)'))
 
 # %% ../nbs/91_demo.ipynb #4da9a005
-NOT_DEMO_METHODS.update({
-    'lcm': 'LCM distils a latent text-to-image DiT with classifier-free guidance (captions, a VAE); the demo teacher is a pixel-space '
-           'class-conditional EDM network. Use `lcm_train` (see nbs/42_lcm.ipynb).',
-    'dkdm': 'DKDM compresses a DDPM teacher into a smaller multi-step diffusion student (data-free); it does not make a '
-            'one-step generator, which is what the demo compares. Use `dkdm_train` (see nbs/62_dkdm.ipynb).'})
+register_demo_method(DemoMethod('dkdm', 'distill_nb.demo_ddpm', lazy_train('distill_nb.demo_ddpm:train_dkdm_demo'),
+                                'DKDM: data-free distillation of the shipped DDPM teacher into a 0.6x ADM student, 10 ancestral steps (Xiang et al. 2025)'))
+register_demo_method(DemoMethod('lcm', 'distill_nb.demo_text', lazy_train('distill_nb.demo_text:train_lcm_demo'),
+                                'LCM: guidance-embedded latent consistency distillation of the shipped caption-conditioned DiT, 1/2/4 steps (Luo et al. 2023)'))
 
 # %% ../nbs/91_demo.ipynb #c987c4fc
 def _fmt_secs(s) -> str: return '-' if s is None else s if isinstance(s, str) else f'{s:.1f}'
 
 def results_table(rows: list[dict], n_eval: int) -> str:
     "The results as a Markdown table (the leaderboard of `--method all`)."
-    head = ('| model | NFE | FD-toy ↓ | class acc ↑ | precision ↑ | recall ↑ | FD-rc ↓ | SW ↓ | sampling (img/s) | training images | training (s) |')
-    lines = [head, '|' + '---|' * 11]
+    cap = any(r.get('caption_acc') is not None for r in rows)  # the column only when a text-conditioned model (LCM) ran
+    head = ('| model | NFE | FD-toy ↓ | class acc ↑ | ' + ('caption acc ↑ | ' if cap else '') +
+            'precision ↑ | recall ↑ | FD-rc ↓ | SW ↓ | sampling (img/s) | training images | training (s) |')
+    lines = [head, '|' + '---|' * (11 + cap)]
     f = lambda v, fmt: '-' if v is None else format(v, fmt)
     for r in rows:
         ips = None if not r.get('sample_seconds') else n_eval / r['sample_seconds']
         lines.append(f"| {r['model']} | {r['nfe'] if r['nfe'] is not None else '-'} | {f(r.get('fd_toy'), '.2f')} | {f(r.get('acc'), '.3f')} | "
+                     + (f"{f(r.get('caption_acc'), '.3f')} | " if cap else '') +
                      f"{f(r.get('precision'), '.3f')} | {f(r.get('recall'), '.3f')} | {r['fd_rc']:.3f} | {r['sw']:.4f} | {f(ips, '.0f')} | "
                      f"{f(r.get('train_images'), ',')} | {_fmt_secs(r['train_seconds'])} |")
     return '\n'.join(lines)
@@ -383,12 +402,14 @@ def _class_order(n: int, label_dim: int, per_class: int = 4) -> list[int]:
 def save_sample_grid(rows: dict, path: Path, idx: list[int]):
     "One labelled row of images per model as a PNG (matplotlib, written atomically)."
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(0.42 * len(idx) + 2.2, 0.5 * len(rows) + 0.3), dpi=110)
+    label_in = 0.055 * max(len(k) for k in rows) + 0.15  # room for the longest row label (7-point text), so none is cut
+    width = 0.42 * len(idx) + label_in + 0.1
+    fig = Figure(figsize=(width, 0.5 * len(rows) + 0.3), dpi=110)
     axs = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
     for ax, (name, x) in zip(axs, rows.items()):
         ax.imshow(image_grid(x[idx], nrow=len(idx))); ax.set_xticks([]); ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha='right', va='center', fontsize=7)
-    fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.15)
+    fig.subplots_adjust(left=label_in / width, right=0.99, top=0.99, bottom=0.01, hspace=0.15)
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
 
 def save_loss_curves(history: list[dict], keys: list[str], path: Path, title: str = '', titles: list[str] | None = None):
@@ -407,6 +428,40 @@ def save_loss_curves(history: list[dict], keys: list[str], path: Path, title: st
     if title: fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
+
+def save_method_pictures(students: dict, # {method: DemoStudent}
+                         imgs: dict, # {row label: images}, the evaluated rows
+                         nfes: dict, # {row label: network evaluations}
+                         outdir: Path, idx: list[int], # output folder; image indices shown (`_class_order`)
+                         base: tuple = ('teacher, Heun 18 steps', 'untrained student (teacher copy)')): # reference rows of EDM-teacher methods
+    "Per method: `samples_<method>.png` (its teacher, the untrained copy, its rows) and `losses_<method>.png` (all its loss terms)."
+    for name, st in students.items():
+        own = [k for k in st.samplers if k in imgs]
+        ref = [] if any(sampler_entry(st.samplers[k])[2].get('train_images', 0) is None for k in own) else [k for k in base if k in imgs]
+        save_sample_grid({f'{k} ({nfes[k]} NFE)': imgs[k] for k in ref + own}, outdir / f'samples_{name}.png', idx)
+        save_loss_curves(st.history, st.loss_keys, outdir / f'losses_{name}.png', f'{name}: loss terms per iteration')
+
+def notebook_pictures(run: str | Path, # a `distill_demo --method all` output folder
+                      dest: str | Path = 'nbs/images', # where the notebooks' pictures live
+                      max_bytes: int = 60_000, # size limit of a notebook picture (the README's grid: 4x)
+                      skip: tuple = ('dkdm', 'lcm')) -> list[Path]: # methods whose notebooks make their own pictures (88, 89: own teachers)
+    "Copy a run's per-method pictures to `dest/demo_<method>.png`, `losses_<method>.png` and its grid to `leaderboard.png`, palette-quantised."
+    from PIL import Image
+    import io
+    def small(img, limit):  # the largest palette (128, 64, 32 colours) that fits
+        for c in (128, 64, 32):
+            b = io.BytesIO(); img.quantize(c).save(b, format='png', optimize=True)
+            if b.tell() <= limit: break
+        return b.getvalue()
+    run, dest, out = Path(run), Path(dest), []
+    pairs = [(p, f'demo_{p.stem[8:]}.png') for p in sorted(run.glob('samples_*.png')) if p.stem[8:] not in skip] + \
+            [(p, p.name) for p in sorted(run.glob('losses_*.png')) if p.stem[7:] not in skip] + [(run / 'samples.png', 'leaderboard.png')]
+    for src, name in pairs:
+        if not src.is_file(): continue
+        data = small(Image.open(src).convert('RGB'), 4 * max_bytes if name == 'leaderboard.png' else max_bytes)
+        with atomic_write(dest / name, 'wb') as f: f.write(data)
+        out.append(dest / name)
+    return out
 
 # %% ../nbs/91_demo.ipynb #6280670e
 def check_demo_teacher(net: nn.Module, # loaded teacher
@@ -489,28 +544,37 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
     net = net.eval()
     t_train = (tmeta.get('demo_teacher') or {}).get('train_seconds')
     t_train = f'{t_train:.0f} (offline)' if isinstance(t_train, (int, float)) else None
-    models = {'teacher, Heun 18 steps': (35, lambda z, y: edm_sampler(net, z, y, num_steps=18), t_train, None),
-              'teacher, Euler 4 steps': (4, lambda z, y: edm_sampler(net, z, y, num_steps=4, solver='euler'), t_train, None),
-              'untrained student (teacher copy)': (1, lambda z, y: one_step_sample(net, z, y, sigma=80.), 0., 0)}
-    for st in students.values():
-        for k, (nfe, fn) in st.samplers.items(): models[k] = (nfe, fn, st.train_seconds, iters * batch)
+    models = {'teacher, Heun 18 steps': (35, lambda z, y: edm_sampler(net, z, y, num_steps=18), t_train, None, {}),
+              'teacher, Euler 4 steps': (4, lambda z, y: edm_sampler(net, z, y, num_steps=4, solver='euler'), t_train, None, {}),
+              'untrained student (teacher copy)': (1, lambda z, y: one_step_sample(net, z, y, sigma=80.), 0., 0, {})}
+    row_method = {}
+    for mname, st in students.items():
+        for k, v in st.samplers.items():
+            row_method[k] = mname
+            nfe, fn, ex = sampler_entry(v)
+            models[k] = (nfe, fn, ex.get('train_seconds', st.train_seconds), ex.get('train_images', iters * batch), ex)
     tm = ToyMetric(n_eval, toy_cls, ref_seed=1) if (C, R) == (3, 16) else None  # the toy classifier sees 16x16 RGB
     toy = lambda x, labels: {} if tm is None else tm(x, labels)
     tf = lambda d: dict(fd_toy=d.get('fd_toy'), acc=d.get('accuracy'), precision=d.get('precision'), recall=d.get('recall'))
     floor_toy = toy(floor, torch.arange(n_eval) % toy_cls)
     rows, imgs = [dict(model='data (held-out toy images, noise floor)', nfe=None, **tf(floor_toy), fd_rc=fd_random_conv(floor, ref_stats, ext),
                        sw=pixel_sw(floor, ref), sample_seconds=None, train_seconds=None, train_images=None)], {'data': floor}
-    for name, (nfe, fn, tsec, timg) in tqdm(models.items(), desc='evaluating', disable=not progress, leave=False):
-        x, secs = sample_all(fn, z, y, eval_batch)
+    for name, (nfe, fn, tsec, timg, ex) in tqdm(models.items(), desc='evaluating', disable=not progress, leave=False):
+        cond = ex['cond'].to(info.device) if 'cond' in ex else y  # a text-conditioned model gets its captions' tokens instead of y
+        x, secs = sample_all(fn, z, cond, eval_batch)
         imgs[name] = x
-        rows.append(dict(model=name, nfe=nfe, **tf(toy(x, None if y is None else y.cpu())), fd_rc=fd_random_conv(x, ref_stats, ext),
-                         sw=pixel_sw(x, ref), sample_seconds=secs, train_seconds=tsec, train_images=timg))
+        labels = ex['labels'] if 'labels' in ex else None if y is None else y.cpu()
+        m = tf(toy(x, labels))
+        if ex.get('caption_acc'): m['caption_acc'] = m.pop('acc')  # the classifier agrees with the caption's shape
+        rows.append(dict(model=name, nfe=nfe, **m, fd_rc=fd_random_conv(x, ref_stats, ext), sw=pixel_sw(x, ref), sample_seconds=secs,
+                         train_seconds=tsec, train_images=timg, reference=timg is None, method=row_method.get(name)))
     # --- outputs ---
     outdir.mkdir(parents=True, exist_ok=True)
     save_sample_grid({('data' if k == 'data' else f'{k} ({models[k][0]} NFE)'): v for k, v in imgs.items()},
                      outdir / 'samples.png', _class_order(n_eval, L))
     hist, keys, titles = _loss_panels(students)
     save_loss_curves(hist, keys, outdir / 'losses.png', f'{method}: loss terms per iteration', titles)
+    if len(students) > 1: save_method_pictures(students, imgs, {k: v[0] for k, v in models.items()}, outdir, _class_order(n_eval, L))
     for name, st in students.items():
         if st.network is not None:
             save_network(st.network, outdir / f'student_{name}.safetensors',
@@ -518,26 +582,32 @@ def run_distill_demo(outdir: str | Path = 'distill_demo_out', # output folder
                                                          'teacher_config_hash': tmeta.get('config_hash'), 'demo': asdict(s)}})
     n_base = 4  # data, teacher 35 NFE, teacher 4 NFE, untrained
     untrained, key = rows[3], ('fd_toy' if rows[3].get('fd_toy') is not None else 'fd_rc')
-    best = min(rows[n_base:], key=lambda r: r[key])
+    students_rows = [r for r in rows[n_base:] if not r['reference']] or rows[n_base:]  # a method's own teacher rows are references
+    best = min(students_rows, key=lambda r: r[key])
     res = dict(settings=asdict(s), methods=methods, rows=rows, total_seconds=time.time() - t_start, world_size=info.world_size,
                budget={'iterations': iters, 'global_batch': batch, 'images': iters * batch},
-               beats_untrained=bool(all(r['fd_rc'] < untrained['fd_rc'] and r['sw'] < untrained['sw'] for r in rows[n_base:])),
+               beats_untrained=bool(all(r['fd_rc'] < untrained['fd_rc'] and r['sw'] < untrained['sw'] for r in students_rows)),
                toy_metric=floor_toy.get('provenance'), torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count())
     table = results_table(rows, n_eval)
     with atomic_write(outdir / 'results.json', 'w') as f: json.dump(to_jsonable(res), f, indent=1)
     with atomic_write(outdir / 'results.md', 'w') as f: f.write(table + '\n')
     say('\n' + table + '\n')
-    say((f"{best['model']}: FD-toy {untrained['fd_toy']:.2f} -> {best['fd_toy']:.2f}, " if best.get('fd_toy') is not None else f"{best['model']}: ")
-        + f"FD-rc {untrained['fd_rc']:.3f} -> {best['fd_rc']:.3f} (untrained -> distilled), "
-        f"{35 / best['nfe']:.0f}x fewer network evaluations than the teacher. Total {res['total_seconds']:.0f} s.")
-    say(f'wrote {outdir}/samples.png, losses.png, results.json, results.md' + ''.join(f', student_{n}.safetensors' for n, st in students.items() if st.network is not None))
+    own = [r for r in rows[n_base:] if r['reference'] and r['method'] == best.get('method')]  # the method's own teacher (DKDM, LCM)
+    if own:
+        say(f"{best['model']}: {key} {best[key]:.2f} at {best['nfe']} NFE, its teacher ({own[0]['model']}) {own[0][key]:.2f}. "
+            f"Total {res['total_seconds']:.0f} s.")
+    else:
+        say((f"{best['model']}: FD-toy {untrained['fd_toy']:.2f} -> {best['fd_toy']:.2f}, " if best.get('fd_toy') is not None else f"{best['model']}: ")
+            + f"FD-rc {untrained['fd_rc']:.3f} -> {best['fd_rc']:.3f} (untrained -> distilled), "
+            f"{35 / best['nfe']:.0f}x fewer network evaluations than the teacher. Total {res['total_seconds']:.0f} s.")
+    say(f'wrote {outdir}/samples.png, losses.png, results.json, results.md' + (', samples_<method>.png, losses_<method>.png' if len(students) > 1 else '') + ''.join(f', student_{n}.safetensors' for n, st in students.items() if st.network is not None))
     return res
 
 # %% ../nbs/91_demo.ipynb #52cd7db2
 @cli
 def distill_demo(
     outdir: str = 'distill_demo_out', # Output folder (samples.png, losses.png, results.json/.md, the student)
-    method: str = 'dmd2', # Method: dmd2, dmd2gan (+ GAN head), fdistill, dmd (v1), cd (1/2/4 steps), gdd (GDD-I), sid, scm (sCD), meanflow, or all (the leaderboard)
+    method: str = 'dmd2', # Method: dmd2, dmd2gan (+ GAN head), fdistill, dmd (v1), cd (1/2/4 steps), gdd (GDD-I), sid, scm (sCD), meanflow, dkdm (its own DDPM teacher), lcm (its own text teacher), or all (the leaderboard)
     iters: int = 400, # Distillation iterations
     batch: int = 64, # Global training batch (split across torchrun processes)
     lr: float = None, # Generator learning rate [default: the method's demo setting; DMD2: 5e-4, critic 4x]

@@ -8,14 +8,14 @@ import json, shlex, time
 from pathlib import Path
 import torch
 from fastcore.script import store_true
-from .core import in_test, sha256_file
+from .core import in_test, sha256_file, UserError
 from .checkpoints import load_network, save_network, read_network_meta
 from .edm_train import train_edm
 from .core import cli
 
 # %% auto #0
-__all__ = ['DEMO_TEACHER_RECIPE', 'demo_teacher_command', 'edm_train_command', 'demo_teacher_path', 'load_demo_teacher',
-           'make_demo_teacher', 'demo_teacher']
+__all__ = ['DEMO_TEACHER_RECIPE', 'demo_teacher_command', 'edm_train_command', 'asset_path', 'load_asset_network',
+           'demo_teacher_path', 'load_demo_teacher', 'make_demo_teacher', 'demo_teacher']
 
 # %% ../nbs/90_demo_teacher.ipynb #5a4891c9
 DEMO_TEACHER_RECIPE = dict(data='toy', resolution=16, toy_n=4096, toy_classes=4, cond=True, arch='tiny',
@@ -34,19 +34,32 @@ def edm_train_command(run_dir: str = 'runs/demo_teacher', recipe: dict | None = 
     return 'edm_train ' + ' '.join(f'--{k} {shlex.quote(str(v))}' for k, v in flags.items()) + ('' if r['cond'] else ' --uncond')
 
 # %% ../nbs/90_demo_teacher.ipynb #863a2c24
+def asset_path(name: str) -> Path: # a file name in distill_nb/assets
+    "Path of a file shipped inside the package (package data: `MANIFEST.in` includes distill_nb/assets)."
+    import distill_nb
+    return Path(distill_nb.__file__).resolve().parent / 'assets' / name
+
+def load_asset_network(p: Path, # the file (a shipped asset or a user's regenerated copy)
+                       what: str, # its name in messages, e.g. 'the demo teacher'
+                       command: str, # the one command that regenerates it
+                       cls: type | None = None, # the class it must hold (None: any network)
+                       device: str | torch.device = 'cpu'):
+    "Load a shipped network; a missing file says how to regenerate it, a wrong one what it holds."
+    if not p.is_file():
+        raise FileNotFoundError(f'{p}: {what} is missing; regenerate it with `{command}` (or reinstall distill_nb: the file is package data)')
+    net = load_network(p, device)
+    if cls is not None and not isinstance(net, cls): raise UserError(f'{p}: holds a {type(net).__name__}, expected the {cls.__name__} of {what}')
+    return net
+
 def demo_teacher_path() -> Path:
     "Path of the teacher shipped with the package."
-    import distill_nb
-    return Path(distill_nb.__file__).resolve().parent / 'assets' / 'demo_teacher.safetensors'
+    return asset_path('demo_teacher.safetensors')
 
 def load_demo_teacher(device: str | torch.device = 'cpu', # where the network goes
                       path: str | Path | None = None): # None: the shipped file
     "The shipped demo teacher, an `EDMPrecond(SongUNet)` for 16x16 toy shapes with 4 classes."
     p = Path(path) if path is not None else demo_teacher_path()
-    if not p.is_file():
-        raise FileNotFoundError(f'{p}: the demo teacher is missing; regenerate it with `{demo_teacher_command(p)}` '
-                                '(or reinstall distill_nb: the file is package data)')
-    return load_network(p, device)
+    return load_asset_network(p, 'the demo teacher', demo_teacher_command(p), device=device)
 
 # %% ../nbs/90_demo_teacher.ipynb #e52ed266
 def make_demo_teacher(dest: str | Path, # destination `.safetensors`

@@ -10,7 +10,9 @@ import torch
 from .core import from_uint8, UserError
 
 # %% auto #0
-__all__ = ['TOY_CLASSES', 'toy_params', 'toy_image', 'ToyShapes', 'tiny_text_encoder', 'tiny_vae_decoder']
+__all__ = ['TOY_CLASSES', 'TOY_CLASS_WORDS', 'TOY_FG_COLOURS', 'TOY_BG_COLOURS', 'TOY_VOCAB', 'TOY_CAPTION_LEN', 'toy_params',
+           'toy_image', 'ToyShapes', 'colour_name', 'toy_caption', 'toy_tokens', 'toy_untokens', 'tiny_text_encoder',
+           'tiny_vae_decoder']
 
 # %% ../nbs/19_toydata.ipynb #c6a891e2
 TOY_CLASSES = ('disc', 'square', 'ring', 'hstripes', 'vstripes', 'diagonal', 'plus', 'checker')
@@ -68,11 +70,55 @@ class ToyShapes(torch.utils.data.Dataset):
     def label(self, i: int) -> int: return int(i) % self.n_classes
     def labels(self) -> np.ndarray: return np.arange(self.n) % self.n_classes
     def raw(self, i: int) -> tuple[np.ndarray, int]: return self.images[i], self.label(i)
+    def caption(self, i: int) -> str: return toy_caption(self.class_names[self.label(i)], toy_params(self.seed, int(i)))  # `toy_caption`, below
+    def captions(self) -> list[str]: return [self.caption(i) for i in range(self.n)]
     def __getitem__(self, i: int): return from_uint8(torch.from_numpy(self.images[i])), self.label(i)
     @property
     def label_dim(self) -> int: return self.n_classes
     @property
     def image_shape(self) -> tuple: return tuple(self.images.shape[1:])
+
+# %% ../nbs/19_toydata.ipynb #b0283e13
+TOY_CLASS_WORDS = {'disc': 'disc', 'square': 'square', 'ring': 'ring', 'hstripes': 'horizontal stripes', 'vstripes': 'vertical stripes',
+                   'diagonal': 'diagonal stripes', 'plus': 'plus', 'checker': 'checkerboard'}  # plural patterns take no article
+TOY_FG_COLOURS = {'yellow': (1., 1., .15), 'orange': (1., .6, .15), 'lime': (.6, 1., .15), 'mint': (.15, 1., .7), 'cyan': (.15, .9, 1.),
+                  'blue': (.15, .5, 1.), 'violet': (.6, .15, 1.), 'magenta': (1., .15, 1.), 'pink': (1., .15, .6)}
+TOY_BG_COLOURS = {'black': (.05, .05, .05), 'dark grey': (.22, .22, .22), 'dark red': (.25, .05, .05), 'dark green': (.05, .25, .05),
+                  'dark blue': (.05, .05, .25), 'olive': (.25, .25, .05), 'dark purple': (.25, .05, .25), 'dark teal': (.05, .25, .25)}
+
+def colour_name(rgb, # RGB in [0, 1]
+                table: dict) -> str: # name -> RGB prototype
+    "Name of the nearest colour of `table` (squared RGB distance; ties go to the first entry)."
+    rgb = np.asarray(rgb, dtype=np.float64)
+    return min(table, key=lambda k: float(((np.asarray(table[k]) - rgb) ** 2).sum()))
+
+def toy_caption(kind: str, # one of TOY_CLASSES
+                params: dict) -> str: # from `toy_params`
+    "Caption of a toy image from its generator parameters, e.g. 'a pink ring on dark green'."
+    if kind not in TOY_CLASS_WORDS: raise UserError(f'unknown toy class {kind!r}; expected one of {TOY_CLASSES}')
+    word = TOY_CLASS_WORDS[kind]
+    fg, bg = colour_name(params['fg'], TOY_FG_COLOURS), colour_name(params['bg'], TOY_BG_COLOURS)
+    return ('' if word.endswith('s') else 'a ') + f'{fg} {word} on {bg}'
+
+TOY_VOCAB = ('<pad>', 'a', 'on', *dict.fromkeys(w for t in (TOY_CLASS_WORDS.values(), TOY_FG_COLOURS, TOY_BG_COLOURS)
+                                                  for n in t for w in n.split()))
+TOY_CAPTION_LEN = 8  # longest caption: 'magenta horizontal stripes on dark purple' has 6 words
+
+def toy_tokens(captions: list[str], # captions made of TOY_VOCAB words ('' = the null caption)
+               length: int = TOY_CAPTION_LEN) -> torch.Tensor: # tokens per caption (padded with 0)
+    "Token ids [N, length] of toy captions (0 = padding; an all-zero row is the null caption)."
+    ids = {w: i for i, w in enumerate(TOY_VOCAB)}
+    out = torch.zeros(len(captions), length, dtype=torch.long)
+    for b, c in enumerate(captions):
+        words = c.split()
+        if len(words) > length: raise UserError(f'caption {c!r}: {len(words)} words, more than length={length}')
+        if bad := [w for w in words if w not in ids or w == '<pad>']: raise UserError(f'caption {c!r}: words {bad} are not in TOY_VOCAB')
+        out[b, :len(words)] = torch.tensor([ids[w] for w in words], dtype=torch.long)
+    return out
+
+def toy_untokens(tokens: torch.Tensor) -> list[str]:
+    "Captions back from token ids [N, L] (padding dropped)."
+    return [' '.join(TOY_VOCAB[i] for i in row.tolist() if i) for row in tokens]
 
 # %% ../nbs/19_toydata.ipynb #2667b70a
 def tiny_text_encoder(caption_len: int = 77, # tokens per caption (MicroDiT: 77)
