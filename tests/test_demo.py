@@ -102,9 +102,17 @@ def test_gdd_method_smoke(tmp_path):
     assert g.distill_meta['sampler'] == {'kind': 'one_step', 'sigma': 80.0}
 
 
-def test_dkdm_is_explained(tmp_path):
-    r = _cli('distill_nb.demo', ['--method', 'dkdm', '--outdir', tmp_path / 'o'], tmp_path, check=False)
-    assert r.returncode != 0 and 'does not make a one-step generator' in r.stderr and "'gdd'" in r.stderr
+def test_dkdm_method_cli(tmp_path):
+    "`--method dkdm` distils its own shipped DDPM teacher: the student's row, the teacher's at the same NFE (a reference), the summary against it."
+    import json
+    r = _cli('distill_nb.demo', ['--method', 'dkdm', '--iters', 2, '--batch', 8, '--n_eval', 16, '--eval_batch', 16, '--no_progress',
+                                 '--outdir', tmp_path / 'o'], tmp_path)
+    rows = {x['model']: x for x in json.loads((tmp_path / 'o' / 'results.json').read_text())['rows']}
+    t = next(v for k, v in rows.items() if k.startswith('DDPM teacher')); s = next(v for k, v in rows.items() if k.startswith('DKDM student'))
+    assert t['reference'] and not s['reference'] and t['nfe'] == s['nfe'] == 10 and t['train_images'] is None, (t, s)
+    assert 'its teacher (DDPM teacher' in r.stdout, r.stdout[-2000:]
+    r = _cli('distill_nb.demo', ['--method', 'magic', '--outdir', tmp_path / 'o'], tmp_path, check=False)
+    assert r.returncode == 2 and "'dkdm'" in r.stderr and "'lcm'" in r.stderr and 'Traceback' not in r.stderr
 
 
 def test_dmd_method_smoke(tmp_path):
