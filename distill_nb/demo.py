@@ -32,8 +32,8 @@ __all__ = ['SAMPLER_EXTRA', 'DEMO_METHODS', 'NOT_DEMO_METHODS', 'DMD2_DEMO', 'CD
            'lazy_train', 'DemoMethod', 'register_demo_method', 'available_methods', 'get_demo_method',
            'train_dmd2_demo', 'train_cd_demo', 'train_gdd_demo', 'demo_pairs', 'train_dmd_demo', 'train_scm_demo',
            'train_meanflow_demo', 'train_sid_demo', 'toy_real_lmdb', 'train_dmd2gan_demo', 'train_fdistill_demo',
-           'results_table', 'save_sample_grid', 'save_loss_curves', 'save_method_pictures', 'notebook_pictures',
-           'check_demo_teacher', 'run_distill_demo', 'distill_demo']
+           'results_table', 'save_sample_grid', 'save_loss_curves', 'save_method_pictures', 'shrink_png',
+           'notebook_pictures', 'check_demo_teacher', 'run_distill_demo', 'distill_demo']
 
 # %% ../nbs/91_demo.ipynb #728cbecc
 class RandomConvFeatures(nn.Module):
@@ -441,25 +441,29 @@ def save_method_pictures(students: dict, # {method: DemoStudent}
         save_sample_grid({f'{k} ({nfes[k]} NFE)': imgs[k] for k in ref + own}, outdir / f'samples_{name}.png', idx)
         save_loss_curves(st.history, st.loss_keys, outdir / f'losses_{name}.png', f'{name}: loss terms per iteration')
 
+def shrink_png(path: str | Path, # a PNG
+               max_bytes: int = 60_000, # size to fit
+               dest: str | Path | None = None): # where to write (None: rewrite `path`)
+    "Write a PNG with the largest palette (128, 96, 64, 48, 32 colours) that fits `max_bytes` (the notebooks' pictures stay small)."
+    import io
+    from PIL import Image
+    img = Image.open(path).convert('RGB')
+    for c in (128, 96, 64, 48, 32):
+        b = io.BytesIO(); img.quantize(c).save(b, format='png', optimize=True)
+        if b.tell() <= max_bytes: break
+    with atomic_write(Path(dest or path), 'wb') as f: f.write(b.getvalue())
+
 def notebook_pictures(run: str | Path, # a `distill_demo --method all` output folder
                       dest: str | Path = 'nbs/images', # where the notebooks' pictures live
                       max_bytes: int = 60_000, # size limit of a notebook picture (the README's grid: 4x)
                       skip: tuple = ('dkdm', 'lcm')) -> list[Path]: # methods whose notebooks make their own pictures (88, 89: own teachers)
     "Copy a run's per-method pictures to `dest/demo_<method>.png`, `losses_<method>.png` and its grid to `leaderboard.png`, palette-quantised."
-    from PIL import Image
-    import io
-    def small(img, limit):  # the largest palette (128, 64, 32 colours) that fits
-        for c in (128, 64, 32):
-            b = io.BytesIO(); img.quantize(c).save(b, format='png', optimize=True)
-            if b.tell() <= limit: break
-        return b.getvalue()
     run, dest, out = Path(run), Path(dest), []
     pairs = [(p, f'demo_{p.stem[8:]}.png') for p in sorted(run.glob('samples_*.png')) if p.stem[8:] not in skip] + \
             [(p, p.name) for p in sorted(run.glob('losses_*.png')) if p.stem[7:] not in skip] + [(run / 'samples.png', 'leaderboard.png')]
     for src, name in pairs:
         if not src.is_file(): continue
-        data = small(Image.open(src).convert('RGB'), 4 * max_bytes if name == 'leaderboard.png' else max_bytes)
-        with atomic_write(dest / name, 'wb') as f: f.write(data)
+        shrink_png(src, 4 * max_bytes if name == 'leaderboard.png' else max_bytes, dest / name)
         out.append(dest / name)
     return out
 

@@ -170,17 +170,6 @@ def train_dkdm_demo(teacher, # the demo's EDM teacher: not used (DKDM needs the 
 def _n(net: nn.Module) -> str: return f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M'
 
 # %% ../nbs/88_demo_ddpm_teacher.ipynb #eb70f0de
-def _quantised(path: Path, max_bytes: int = 60_000):
-    "Rewrite a PNG with the largest palette of 128, 96, 64, 48 or 32 colours that fits `max_bytes` (the notebooks' pictures stay small)."
-    import io
-    from PIL import Image
-    from distill_nb.core import atomic_path
-    im = Image.open(path).convert('RGB')
-    for c in (128, 96, 64, 48, 32):
-        b = io.BytesIO(); im.quantize(c).save(b, format='png', optimize=True)
-        if len(b.getvalue()) <= max_bytes: break
-    with atomic_path(path) as tmp: Path(tmp).write_bytes(b.getvalue())
-
 def _curve_history(curves: dict) -> list[dict]:
     "The header's windowed loss curves as a `save_loss_curves` history."
     steps = sorted({s for v in curves.values() for s, _ in v})
@@ -190,7 +179,7 @@ def dkdm_demo_report(dest: str | Path = 'nbs/images', # folder of the notebooks'
                      n_eval: int = 512, iters: int = 400, batch: int = 64, # the demo's protocol
                      seed: int = 0, log=print) -> dict: # seed of the DKDM run
     "Toy-metric rows of the DDPM teacher, the untrained and the DKDM student, and the PNGs of 60_adm, 61_ddpm, 62_dkdm and 88."
-    from distill_nb.demo import DemoSettings, demo_latents, sample_all, save_sample_grid, save_loss_curves, _class_order, sampler_entry
+    from distill_nb.demo import DemoSettings, demo_latents, sample_all, save_sample_grid, save_loss_curves, shrink_png, _class_order, sampler_entry
     from distill_nb.learner import DistInfo
     from distill_nb.toymetric import ToyMetric
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -222,6 +211,6 @@ def dkdm_demo_report(dest: str | Path = 'nbs/images', # folder of the notebooks'
     curves = read_network_meta(demo_ddpm_teacher_path())['demo_ddpm_teacher']['loss_curve']
     save_loss_curves(_curve_history(curves), list(curves), dest / 'ddpm_losses.png', 'DDPM teacher: hybrid loss terms (25-iteration means)')
     save_loss_curves(st.history, st.loss_keys, dest / 'dkdm_losses.png', 'DKDM student: loss terms per iteration')
-    for f in [*pics, 'ddpm_losses.png', 'dkdm_losses.png']: _quantised(dest / f)
+    for f in [*pics, 'ddpm_losses.png', 'dkdm_losses.png']: shrink_png(dest / f)
     return {'rows': rows, 'student_params': sum(p.numel() for p in st.network.parameters()),
             'teacher_params': sum(p.numel() for p in net.parameters()), 'train_seconds': st.train_seconds}

@@ -220,25 +220,19 @@ def train_lcm_demo(teacher, # the demo's EDM teacher: not used (LCM needs the te
     return DemoStudent(samplers, _history(run_dir, keys, info), secs, student, meta, keys)
 
 # %% ../nbs/89_demo_text_teacher.ipynb #298fc20c
-def _quantised(path: Path, colours: int = 128):
-    "Rewrite a PNG with a palette of `colours` (keeps the notebooks' pictures small)."
-    from PIL import Image
-    from distill_nb.core import atomic_path
-    with atomic_path(path) as tmp: Image.open(path).convert('RGB').quantize(colours).save(tmp, format='png', optimize=True)
-
 def text_teacher_picture(path: Path, # destination PNG
                          teacher: TextTeacher | None = None, # default: the shipped one
                          n_captions: int = 8, per_caption: int = 8, # rows (2 per class) and samples per row
                          w: float = 3., num_steps: int = 18): # CFG scale and Heun steps
     "Captions (row labels) against guided samples of the text teacher (one row per caption, seeds 0..per_caption-1)."
-    from distill_nb.demo import save_sample_grid
+    from distill_nb.demo import save_sample_grid, shrink_png
     teacher = teacher or load_demo_text_teacher()
     caps = ToyShapes(n_captions, teacher.img_resolution, 4, seed=1).captions()
     z = StackedRandomGenerator('cpu', list(range(per_caption))).randn([per_caption, 3, teacher.img_resolution, teacher.img_resolution])
     fn = text_teacher_sampler(teacher, w, num_steps)
     with torch.no_grad(): rows = {c: fn(z, toy_tokens([c] * per_caption)) for c in caps}
     save_sample_grid(rows, path, list(range(per_caption)))
-    _quantised(path)
+    shrink_png(path)
     return path
 
 def lcm_demo_report(dest: str | Path = 'nbs/images', # folder of the notebooks' pictures
@@ -246,7 +240,7 @@ def lcm_demo_report(dest: str | Path = 'nbs/images', # folder of the notebooks' 
                     log=print) -> dict: # progress messages
     "The LCM demo's rows on the toy metric (teacher, untrained student, LCM w in {1, 3} at 1/2/4 steps) and the PNGs of 42_lcm and 89."
     import tempfile
-    from distill_nb.demo import DemoSettings, demo_latents, sample_all, save_sample_grid, save_loss_curves, _class_order, sampler_entry
+    from distill_nb.demo import DemoSettings, demo_latents, sample_all, save_sample_grid, save_loss_curves, shrink_png, _class_order, sampler_entry
     from distill_nb.learner import DistInfo
     from distill_nb.toymetric import ToyMetric
     from distill_nb.microdit import latent_student_from_teacher
@@ -271,6 +265,6 @@ def lcm_demo_report(dest: str | Path = 'nbs/images', # folder of the notebooks' 
             **{f'LCM, w=3, {k} step{"s" if k > 1 else ""}': imgs[f'LCM student, w=3, {k} step{"s" if k > 1 else ""}'] for k in (1, 2, 4)}}
     save_sample_grid(grid, dest / 'demo_lcm.png', _class_order(n_eval, 4))
     save_loss_curves(st.history, st.loss_keys, dest / 'lcm_losses.png', 'LCM on the toy text teacher: consistency loss per iteration')
-    for f in ('demo_lcm.png', 'lcm_losses.png'): _quantised(dest / f, 64)  # 128 colours left demo_lcm.png at 62 kB
+    for f in ('demo_lcm.png', 'lcm_losses.png'): shrink_png(dest / f)
     text_teacher_picture(dest / 'text_teacher.png', tt)
     return {'rows': rows, 'train_seconds': st.train_seconds, 'iters': iters, 'batch': LCM_DEMO['batch']}
